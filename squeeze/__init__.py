@@ -1,0 +1,3 @@
+"""squeeze: compress DeepSeek-format MoE models."""
+
+__version__ = "0.1.0"

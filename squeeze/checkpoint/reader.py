@@ -1,0 +1,188 @@
+"""Lazy, by-name access to a sharded safetensors checkpoint.
+
+Nothing is loaded when a checkpoint is opened: we read config.json, the index and every shard's
+header (cheap, and it catches missing, truncated and corrupt shards before any work starts). Tensors
+are read on demand, one layer's worth at a time, and each read opens and closes its shard so that no
+memory map keeps earlier layers resident: peak memory stays about one layer, whatever the depth.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from squeeze.checkpoint.config import ModelConfig, load_config
+from squeeze.checkpoint.fp8 import FP8_DTYPE, dequantize_fp8_block
+from squeeze.errors import CheckpointError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+SCALE_SUFFIX = "_scale_inv"  # DeepSeek: `x.weight` (fp8) + `x.weight_scale_inv` (fp32)
+
+
+class CheckpointReader:
+    """A checkpoint directory: its config and its tensors, read lazily by name."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CheckpointError(f"checkpoint directory not found: {self.path}")
+        self.config: ModelConfig = load_config(self.path)
+        self.weight_map: dict[str, str] = self._read_weight_map()
+        self._headers: dict[str, tuple[str, list[int]]] = {}
+        self._check_shards()
+
+    # ---- discovery --------------------------------------------------------------------------
+    def _read_weight_map(self) -> dict[str, str]:
+        index = self.path / INDEX_NAME
+        if index.exists():
+            try:
+                data = json.loads(index.read_text())
+                weight_map = data["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{index}: empty weight_map")
+            return {str(k): str(v) for k, v in weight_map.items()}
+        shards = sorted(p.name for p in self.path.glob("*.safetensors"))
+        if not shards:
+            raise CheckpointError(f"no *.safetensors files and no {INDEX_NAME} in {self.path}")
+        # No index: every shard's header says what it holds.
+        weight_map: dict[str, str] = {}
+        for shard in shards:
+            for name in self._open_keys(shard):
+                weight_map[name] = shard
+        return weight_map
+
+    def _open_keys(self, shard: str) -> list[str]:
+        with self._open(shard) as f:
+            return list(f.keys())
+
+    def _open(self, shard: str):  # noqa: ANN202 - safetensors' handle type is private
+        file = self.path / shard
+        if not file.exists():
+            raise CheckpointError(f"missing shard {shard} (listed in {INDEX_NAME} of {self.path})")
+        try:
+            return safe_open(str(file), framework="pt", device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"corrupt or truncated safetensors file {file}: {e}") from None
+
+    def _check_shards(self) -> None:
+        by_shard: dict[str, list[str]] = defaultdict(list)
+        for name, shard in self.weight_map.items():
+            by_shard[shard].append(name)
+        for shard, names in sorted(by_shard.items()):
+            with self._open(shard) as f:
+                present = set(f.keys())
+                for name in names:
+                    if name not in present:
+                        raise CheckpointError(f"tensor {name} is listed in {INDEX_NAME} but missing from {shard}")
+                    sl = f.get_slice(name)
+                    self._headers[name] = (sl.get_dtype(), list(sl.get_shape()))
+
+    # ---- queries ----------------------------------------------------------------------------
+    @property
+    def raw_names(self) -> list[str]:
+        """Every tensor stored on disk, scale tensors included."""
+        return list(self.weight_map)
+
+    @property
+    def names(self) -> list[str]:
+        """Logical tensor names: stored names less the FP8 scale companions."""
+        return [n for n in self.weight_map if not n.endswith(SCALE_SUFFIX)]
+
+    @property
+    def shard_files(self) -> list[str]:
+        """Shard file names in order (the index names them model-0000k-of-0000n)."""
+        return sorted(set(self.weight_map.values()))
+
+    def names_in_shard(self, shard: str) -> list[str]:
+        return [n for n, s in self.weight_map.items() if s == shard]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def shape(self, name: str) -> list[int]:
+        return list(self._headers[name][1])
+
+    def stored_dtype(self, name: str) -> str:
+        """The safetensors dtype string (e.g. 'BF16', 'F8_E4M3', 'I32') of a stored tensor."""
+        return self._headers[name][0]
+
+    def storage_format(self, name: str) -> str:
+        """What a logical tensor is stored as: 'bf16', 'fp32', 'fp8-block', 'int4-packed', ..."""
+        if name + SCALE_SUFFIX in self.weight_map:
+            return "fp8-block"
+        dtype = self.stored_dtype(name)
+        if name.endswith("weight_packed"):
+            return "int4-packed"
+        return {"BF16": "bf16", "F16": "fp16", "F32": "fp32", "F8_E4M3": "fp8", "I8": "int8",
+                "I32": "int32", "I64": "int64"}.get(dtype, dtype.lower())
+
+    def file_size(self) -> int:
+        """Bytes on disk of every shard (what a user pays for storage)."""
+        return sum((self.path / s).stat().st_size for s in self.shard_files)
+
+    def layer_prefix(self, layer: int) -> str:
+        return f"model.layers.{layer}."
+
+    def names_with_prefix(self, prefix: str) -> list[str]:
+        return [n for n in self.names if n.startswith(prefix)]
+
+    # ---- reads ------------------------------------------------------------------------------
+    def read_raw(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """Stored tensors exactly as on disk, each shard opened once for the whole request."""
+        names = list(names)
+        by_shard: dict[str, list[str]] = defaultdict(list)
+        for name in names:
+            if name not in self.weight_map:
+                raise CheckpointError(f"tensor {name} not found in checkpoint {self.path}")
+            by_shard[self.weight_map[name]].append(name)
+        out: dict[str, torch.Tensor] = {}
+        for shard, shard_names in by_shard.items():
+            with self._open(shard) as f:
+                for name in shard_names:
+                    try:
+                        out[name] = f.get_tensor(name)
+                    except (SafetensorError, OSError, ValueError) as e:
+                        raise CheckpointError(f"cannot read {name} from {shard}: {e}") from None
+        return {n: out[n] for n in names}
+
+    def read(self, names: Iterable[str], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """Logical tensors in `dtype`, FP8 blocks dequantized on the fly (never a full bf16 copy)."""
+        names = list(names)
+        scale_names = [n + SCALE_SUFFIX for n in names if n + SCALE_SUFFIX in self.weight_map]
+        raw = self.read_raw(names + scale_names)
+        block = self.config.fp8_block_size
+        out: dict[str, torch.Tensor] = {}
+        for name in names:
+            t = raw[name]
+            scale = raw.get(name + SCALE_SUFFIX)
+            if scale is not None:
+                if t.dtype != FP8_DTYPE:
+                    raise CheckpointError(f"tensor {name} has a {SCALE_SUFFIX} but is stored as {t.dtype}, not fp8")
+                try:
+                    t = dequantize_fp8_block(t, scale, block, dtype)
+                except ValueError as e:
+                    raise CheckpointError(f"tensor {name}: {e}") from None
+            elif t.dtype == FP8_DTYPE:
+                raise CheckpointError(f"tensor {name} is stored as fp8 without a {name}{SCALE_SUFFIX} scale")
+            elif not t.is_floating_point():
+                raise CheckpointError(f"tensor {name} has dtype {t.dtype}; squeeze expects floating-point weights")
+            else:
+                t = t.to(dtype)
+            out[name] = t
+        return out
+
+    def read_one(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.read([name], dtype)[name]
+
+
+def open_checkpoint(path: str | Path) -> CheckpointReader:
+    """Open a checkpoint directory; raises `CheckpointError` / `ConfigError` with one clear line."""
+    return CheckpointReader(path)
