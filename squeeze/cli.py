@@ -6,60 +6,19 @@ writers clean up after themselves, so neither leaves partial output behind.
 
 from __future__ import annotations
 
-import functools
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from squeeze import api
-from squeeze.errors import SqueezeError
+from squeeze.commands import distill, evaluate, quantize
+from squeeze.console import console, handle_errors, human_bytes, human_count, make_progress
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compress DeepSeek-format Mixture-of-Experts models.")
-console = Console()
-err_console = Console(stderr=True)
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def handle_errors(fn: F) -> F:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except SqueezeError as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            err_console.print("[bold red]interrupted[/]: no partial output was left behind")
-            raise typer.Exit(130) from None
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _progress() -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, transient=False)
-
-
-def _human_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
-    return str(n)
-
-
-def _human_count(n: int) -> str:
-    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= div:
-            return f"{n / div:.2f}{unit}"
-    return str(n)
 
 
 # ---- toy ------------------------------------------------------------------------------------
@@ -84,7 +43,7 @@ def toy(
     spec = api.ToySpec(layers=layers, dense_layers=dense_layers, hidden=hidden, experts=experts, top_k=top_k,
                        n_group=n_group, topk_group=topk_group, vocab=vocab)
     if train_steps:
-        with _progress() as progress:
+        with make_progress() as progress:
             task = progress.add_task("training toy", total=train_steps, info="")
             result = api.make_toy(out, spec, train_steps, fp8, seed, overwrite=overwrite,
                                   on_step=lambda s, loss: progress.update(task, completed=s + 1,
@@ -124,14 +83,14 @@ def inspect(checkpoint: Annotated[Path, typer.Argument(help="Checkpoint director
     rs = c.rope_scaling or {}
     arch.add_row("rope", f"theta {c.rope_theta:g}" + (f", yarn x{rs.get('factor')}" if rs else ""))
     arch.add_row("parameters",
-                 f"{_human_count(s.total_params)} total, {_human_count(s.active_params)} active per token")
-    arch.add_row("on disk", f"{_human_bytes(s.disk_bytes)} in {s.shards} shard(s)")
+                 f"{human_count(s.total_params)} total, {human_count(s.active_params)} active per token")
+    arch.add_row("on disk", f"{human_bytes(s.disk_bytes)} in {s.shards} shard(s)")
     console.print(arch)
     fmt = Table(title="storage", title_justify="left")
     for col in ("format", "tensors", "parameters", "bytes"):
         fmt.add_column(col, justify="right" if col != "format" else "left")
     for name, st in sorted(s.formats.items(), key=lambda kv: -kv[1].bytes):
-        fmt.add_row(name, str(st.tensors), _human_count(st.params), _human_bytes(st.bytes))
+        fmt.add_row(name, str(st.tensors), human_count(st.params), human_bytes(st.bytes))
     console.print(fmt)
 
 
@@ -147,7 +106,7 @@ def perplexity(
     batch_size: int = 8,
 ) -> None:
     """Perplexity of CHECKPOINT on a text, run layer by layer from disk."""
-    with _progress() as progress:
+    with make_progress() as progress:
         task = progress.add_task("layers", total=None, info="")
         result = api.perplexity(checkpoint, text, seq_len, max_windows or None, batch_size,
                                 on_layer=lambda i, n: progress.update(task, completed=i + 1, total=n, info=""))
@@ -189,6 +148,11 @@ def demo(
     inspect(base)
     perplexity(base)
     generate(base, "And God said", max_new_tokens=30)
+
+
+# Commands of the other subsystems live in squeeze/commands/, one module each.
+for _module in (quantize, distill, evaluate):
+    _module.register(app)
 
 
 def main() -> None:
