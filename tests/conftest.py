@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from squeeze.model.toy import ToySpec, write_random_toy
+# Triton decides when a kernel is defined whether it is compiled for the GPU or run by its CPU
+# interpreter, so the choice is made here, before any test module imports squeeze.kernels: without a
+# GPU every kernel test runs in-process under the interpreter (CI), with one they run compiled.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from squeeze.model.toy import ToySpec, write_random_toy  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -1,0 +1,55 @@
+"""Backend selection shared by every public kernel entry point.
+
+Every op in this package exists twice: a Triton kernel (fast, CUDA or the Triton CPU interpreter)
+and a plain-torch reference (any device, slow but obviously right). The choice is made here, once,
+so all ops agree on what ``backend="auto"`` means.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import torch
+
+Backend = Literal["auto", "triton", "torch"]
+
+
+def interpreting() -> bool:
+    """True when Triton was imported with TRITON_INTERPRET=1 (kernels then run on CPU tensors)."""
+    from triton import knobs
+
+    return bool(knobs.runtime.interpret)
+
+
+def use_triton(backend: Backend, *tensors: torch.Tensor) -> bool:
+    """Decide whether to launch the Triton kernel.
+
+    ``auto`` runs Triton on CUDA tensors only; CPU tensors get the torch reference, so the
+    quantized modules work unchanged on a laptop. ``triton`` forces the kernel and therefore
+    needs CUDA tensors or the interpreter (a clear error beats a cryptic driver failure).
+    """
+    if backend == "torch":
+        return False
+    on_cuda = all(t.is_cuda for t in tensors)
+    if backend == "auto":
+        return on_cuda
+    if backend != "triton":
+        raise ValueError(f"unknown backend {backend!r}; expected 'auto', 'triton' or 'torch'")
+    if not on_cuda and not interpreting():
+        raise RuntimeError(
+            "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported"
+        )
+    return True
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors to fill; a fixed small number in the interpreter."""
+    if device.type != "cuda":
+        return 4
+    return _sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count

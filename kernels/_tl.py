@@ -1,0 +1,108 @@
+"""Triton device helpers shared by the GEMM kernels."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def mma(a, b, INTERPRET: tl.constexpr):
+    """tl.dot with fp32 accumulation; in the CPU interpreter, through fp32 operands.
+
+    Triton 3.9's interpreter keeps bf16 as raw uint16 bits and multiplies those bits in tl.dot,
+    so there the operands are upcast first (exact for bf16/fp16). On the GPU this is a plain MMA.
+    """
+    if INTERPRET:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _nibble(p, i: tl.constexpr, MAGIC_BITS: tl.constexpr, DTYPE: tl.constexpr):
+    """Nibble i of every word as the 16-bit float MAGIC + u (exact; no int->float convert).
+
+    u = q + 8 is the stored nibble; OR-ing it into the mantissa of MAGIC (128.0 in bf16, 1024.0 in
+    fp16, where one ulp is 1) and reinterpreting the bits gives MAGIC + u.
+    """
+    return (((p >> (4 * i)) & 0xF) | MAGIC_BITS).to(tl.int16).to(DTYPE, bitcast=True)
+
+
+@triton.jit
+def int4_words_to_magic(
+    p, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MAGIC_BITS: tl.constexpr, DTYPE: tl.constexpr,
+    UNPACK: tl.constexpr = 0,
+):
+    """[BLOCK_N, BLOCK_K // 8] packed words -> [BLOCK_N, BLOCK_K] values MAGIC + u in K order.
+
+    UNPACK 0: broadcast the words against 8 shifts and reshape (Triton may route the reshape
+    through shared memory). UNPACK 1: build the K order with a tree of tl.join (k = 8j + 4a + 2b + c
+    from the innermost join outwards), which keeps each word's 8 values in one thread.
+    """
+    if UNPACK == 0:
+        shifts = tl.arange(0, 8) * 4
+        u = ((p[:, :, None] >> shifts[None, None, :]) & 0xF) | MAGIC_BITS
+        return tl.reshape(u, (BLOCK_N, BLOCK_K)).to(tl.int16).to(DTYPE, bitcast=True)
+    even = tl.join(
+        tl.join(_nibble(p, 0, MAGIC_BITS, DTYPE), _nibble(p, 4, MAGIC_BITS, DTYPE)),
+        tl.join(_nibble(p, 2, MAGIC_BITS, DTYPE), _nibble(p, 6, MAGIC_BITS, DTYPE)),
+    )
+    odd = tl.join(
+        tl.join(_nibble(p, 1, MAGIC_BITS, DTYPE), _nibble(p, 5, MAGIC_BITS, DTYPE)),
+        tl.join(_nibble(p, 3, MAGIC_BITS, DTYPE), _nibble(p, 7, MAGIC_BITS, DTYPE)),
+    )
+    return tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def int4_dot_permuted(
+    p, x_ptrs, k0, K, MAGIC_BITS: tl.constexpr, DTYPE: tl.constexpr, EVEN_K: tl.constexpr,
+    INTERPRET: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """sum_k (MAGIC + u[n, k]) * x[m, k] over one K block, never putting nibbles back in K order.
+
+    A dot product does not care in which order K is visited, so nibble plane i (k = 8j + i for all
+    words j) is multiplied with the matching stride-8 slice of x: 8 MMAs of depth BLOCK_K / 8, no
+    reshape or interleave. p: [BLOCK_N, BLOCK_K // 8] words; x_ptrs: [1, BLOCK_M] row pointers.
+    """
+    offs = tl.arange(0, BLOCK_K // 8) * 8
+    for i in tl.static_range(8):
+        kk = k0 + offs + i
+        if EVEN_K:
+            xi = tl.load(x_ptrs + kk[:, None])
+        else:
+            xi = tl.load(x_ptrs + kk[:, None], mask=kk[:, None] < K, other=0.0)
+        part = mma(_nibble(p, i, MAGIC_BITS, DTYPE), xi, INTERPRET)
+        if i == 0:
+            d = part
+        else:
+            d += part
+    return d
+
+
+@triton.jit
+def to_fp8e4(y, INTERPRET: tl.constexpr):
+    """fp32 -> float8_e4m3fn, correctly rounded (to nearest even), like torch's ``.to()``.
+
+    The fp32 bits are first rounded to e4m3's 3 mantissa bits (add half an ulp, truncate), so the
+    cast that follows is exact. Without this, Triton's GPU cast rounds twice (fp32 -> fp16 -> fp8),
+    which flips ~1/128 of the values by one fp8 ulp versus torch (seen on an H100, triton 3.6),
+    and the CPU interpreter mis-rounds when rounding carries into the exponent (1.96 -> 1.0).
+    """
+    b = y.to(tl.int32, bitcast=True)
+    b = (b + 0x7FFFF + ((b >> 20) & 1)) & -1048576
+    return b.to(tl.float32, bitcast=True).to(tl.float8e4nv)
+
+
+@triton.jit
+def cast_out(y, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """fp32 -> output dtype, round to nearest even.
+
+    The interpreter truncates fp32 -> bf16 (doubling the error the tests see); there the bits are
+    rounded first so the truncating cast is exact. On the GPU this is the plain (RNE) cast.
+    """
+    if INTERPRET:  # noqa: SIM102 (nested: both conditions must stay compile-time constants)
+        if DTYPE == tl.bfloat16:  # noqa: SIM300
+            b = y.to(tl.int32, bitcast=True)
+            y = ((b + 0x7FFF + ((b >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+    return y.to(DTYPE)

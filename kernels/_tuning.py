@@ -1,0 +1,56 @@
+"""A tiny run-time config picker (what triton.autotune does, minus the parts that get in the way).
+
+We tune whole *launch strategies*, not only tile sizes: split-K changes the grid and needs a
+workspace, and for large M "dequantize once, then cuBLAS" competes with the fused kernel. So a
+candidate is any hashable config the op's launcher understands, and the winner per shape key is
+cached for the process. In the interpreter (or with SQUEEZE_KERNELS_NO_TUNE=1) the first candidate
+is used, which keeps CPU tests fast and deterministic.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Hashable, Sequence
+from typing import TypeVar
+
+C = TypeVar("C", bound=Hashable)
+
+_BEST: dict[Hashable, Hashable] = {}
+
+
+def pick(key: Hashable, candidates: Sequence[C], launch: Callable[[C], object], on_cuda: bool) -> C:
+    """Return the candidate with the least GPU time for ``key`` (see :func:`_time`), memoized."""
+    if len(candidates) == 1 or not on_cuda or os.environ.get("SQUEEZE_KERNELS_NO_TUNE") == "1":
+        return candidates[0]
+    if key in _BEST:
+        return _BEST[key]  # type: ignore[return-value]
+    times = [_time(lambda c=cfg: launch(c)) for cfg in candidates]
+    best = candidates[min(range(len(candidates)), key=times.__getitem__)]
+    _BEST[key] = best
+    return best
+
+
+def _time(fn: Callable[[], object]) -> float:
+    """GPU time of one call: CUDA-graph replays when capturable (what decode pays), else do_bench.
+
+    Eager timing would include the Python launch cost, which favours fewer launches over faster
+    kernels; a graph measures the kernels themselves. inf if the config cannot run at all.
+    """
+    import torch
+    import triton.testing
+
+    try:
+        fn()  # compile outside any capture
+        torch.cuda.synchronize()
+    except Exception:  # e.g. a tile that exceeds shared memory on this GPU
+        return float("inf")
+    try:
+        return triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median")
+    except Exception:
+        torch.cuda.synchronize()
+        return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
+
+
+def chosen() -> dict[Hashable, Hashable]:
+    """The configs picked so far (the benchmark prints them)."""
+    return dict(_BEST)

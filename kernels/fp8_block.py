@@ -1,0 +1,205 @@
+"""Block-FP8 GEMM in DeepSeek-V3's scheme, activation quantization included.
+
+Weights: float8_e4m3fn [N, K] with fp32 ``weight_scale_inv`` [ceil(N/128), ceil(K/128)].
+Activations: quantized on the fly to fp8 with one scale per token per 128-wide K block
+(:func:`quant_fp8_act`, one read of x, one write of q and the scales). The GEMM then runs the fp8
+tensor-core MMA over one 128-deep K block at a time and applies both scales to that block's fp32
+partial before accumulating, which is exactly the math of the reference (scale per K-block, fp32
+accumulation). Same swap-AB tiling as :mod:`.w4a16`: acc[BLOCK_N, BLOCK_M] = W_tile @ x_tile.T, so
+decode-sized M is the narrow MMA side.
+
+Activation scales are stored K-block-major ([ceil(K/128), M]) so a program's BLOCK_M scales for
+one K block are one contiguous load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _splitk, _tuning
+from ._dispatch import Backend, num_sms, use_triton
+from ._tl import cast_out, mma, to_fp8e4
+from .gemv import fp8_gemv_kernel
+from .reference import FP8_BLOCK, FP8_MAX, linear_fp8_block_ref
+
+
+@triton.jit
+def _fp8_act_quant_kernel(
+    x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sk,
+    ROWS: tl.constexpr, BLOCK_K: tl.constexpr, FMAX: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    offs_m = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+    s = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12), FMAX)  # IEEE, as torch
+    q = to_fp8e4(tl.math.div_rn(x, s[:, None]), INTERPRET)
+    tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], q, mask=mask)
+    tl.store(s_ptr + tl.program_id(1) * stride_sk + offs_m, s, mask=offs_m < M)
+
+
+def quant_fp8_act(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (fp8 [M, K], fp32 scales [ceil(K/128), M]) (note: K-block-major scales)."""
+    m, k = x.shape
+    kb = triton.cdiv(k, FP8_BLOCK)
+    q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty(kb, m, dtype=torch.float32, device=x.device)
+    rows = 4 if m >= 4 else 1
+    _fp8_act_quant_kernel[(triton.cdiv(m, rows), kb)](
+        x, q, s, m, k, x.stride(0), q.stride(0), s.stride(0), ROWS=rows, BLOCK_K=FP8_BLOCK, FMAX=FP8_MAX,
+        INTERPRET=not x.is_cuda,
+        num_warps=1 if rows == 1 else 2,
+    )
+    return q, s
+
+
+@triton.jit
+def _fp8_block_gemm_kernel(
+    xq_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr,
+    M, N, K, SPLIT_K,
+    stride_xm, stride_xs, stride_wn, stride_wsn, stride_om, stride_osplit,
+    EVEN_K: tl.constexpr, GROUP_M: tl.constexpr, INTERPRET: tl.constexpr, FUSE_QUANT: tl.constexpr,
+    FMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    gsize = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % gsize
+    pid_n = (pid % per_group) // gsize
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.minimum(offs_m, M - 1)
+    rn = tl.minimum(offs_n, N - 1)
+    offs_k = tl.arange(0, BLOCK_K)
+    k_blocks = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(k_blocks, SPLIT_K)
+    kb_start = pid_k * per_split
+    kb_end = min(kb_start + per_split, k_blocks)
+
+    x_ptrs = xq_ptr + rm[None, :] * stride_xm + offs_k[:, None]  # [BLOCK_K, BLOCK_M]
+    w_ptrs = w_ptr + rn[:, None] * stride_wn + offs_k[None, :]  # [BLOCK_N, BLOCK_K]
+    ws_ptrs = ws_ptr + (rn // BLOCK_K) * stride_wsn  # weight blocks are BLOCK_K (=128) rows tall too
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for kb in range(kb_start, kb_end):
+        k0 = kb * BLOCK_K
+        if EVEN_K:
+            xt = tl.load(x_ptrs + k0)
+            w = tl.load(w_ptrs + k0)
+        else:
+            kmask = (k0 + offs_k) < K
+            xt = tl.load(x_ptrs + k0, mask=kmask[:, None], other=0.0)
+            w = tl.load(w_ptrs + k0, mask=kmask[None, :], other=0.0)
+        if FUSE_QUANT:
+            # x arrives in bf16/fp16: quantize this [BLOCK_K, BLOCK_M] tile here, exactly as
+            # quant_fp8_act would (per token per 128-block), saving a launch and a round trip.
+            xf = xt.to(tl.float32)
+            a_s = tl.math.div_rn(tl.maximum(tl.max(tl.abs(xf), axis=0), 1e-12), FMAX)
+            xt = to_fp8e4(tl.math.div_rn(xf, a_s[None, :]), INTERPRET)
+        else:
+            a_s = tl.load(xs_ptr + kb * stride_xs + rm)
+        w_s = tl.load(ws_ptrs + kb)
+        acc += mma(w, xt, INTERPRET) * w_s[:, None] * a_s[None, :]
+
+    out_ptrs = out_ptr + pid_k * stride_osplit + offs_m[None, :] * stride_om + offs_n[:, None]
+    mask = (offs_m[None, :] < M) & (offs_n[:, None] < N)
+    tl.store(out_ptrs, cast_out(acc, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
+
+
+@dataclass(frozen=True)
+class Fp8Config:
+    block_m: int = 16
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 4
+    split_k: int = 0  # 0: choose from the grid size
+    fuse_quant: bool = False  # quantize x inside the GEMM (worth it for small M: x is re-read per N tile)
+    gemv: bool = False  # M = 1 only: CUDA-core GEMV with fused quantization (gemv.py)
+
+
+def _candidates(m: int, interpret: bool) -> list[Fp8Config]:
+    if interpret:
+        return [Fp8Config(16, 32, 4, 1, fuse_quant=True)]
+    if m <= 16:
+        fused = [Fp8Config(16, bn, 4, 3, sk, True) for bn in (32, 64, 128) for sk in (0, 1)]
+        gemv = [Fp8Config(1, bn, w, 3, gemv=True) for bn, w in ((8, 4), (16, 4), (32, 8))]
+        return fused + [Fp8Config(16, 64, 4, 3)] + (gemv if m == 1 else [])
+    if m <= 64:
+        return [Fp8Config(bm, bn, 4, 3, 0, fq) for bm in (32, 64) for bn in (64, 128) for fq in (False, True)]
+    if m <= 256:
+        return [Fp8Config(bm, 128, w, 4, sk) for bm in (64, 128) for w in (4, 8) for sk in (0, 1)]
+    return [
+        Fp8Config(128, 128, 8, 4),
+        Fp8Config(128, 256, 8, 3),
+        Fp8Config(256, 128, 8, 3),
+        Fp8Config(64, 128, 4, 4),
+    ]
+
+
+def launch_fp8_block(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    scale_inv: torch.Tensor,
+    cfg: Fp8Config,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Activation quantization (separate or fused) + GEMM for a 2-D x, with one config.
+
+    Exposed so tests can force every code path.
+    """
+    m, k = x.shape
+    n = w.shape[0]
+    if cfg.gemv and m != 1:
+        cfg = Fp8Config(fuse_quant=True)  # the GEMV handles one row only
+    if cfg.fuse_quant or cfg.gemv:
+        xq, xs = x, x  # xs unused
+    else:
+        xq, xs = quant_fp8_act(x)
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    k_blocks = triton.cdiv(k, FP8_BLOCK)
+    split = cfg.split_k or _splitk.auto_split(tiles, k_blocks, num_sms(x.device))
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    target, split_stride = _splitk.target(out, split)
+    if cfg.gemv:
+        fp8_gemv_kernel[(triton.cdiv(n, cfg.block_n), split)](
+            x, w, scale_inv, target, n, k, split, w.stride(0), scale_inv.stride(0), split_stride,
+            EVEN_K=k % FP8_BLOCK == 0, INTERPRET=not x.is_cuda, FMAX=FP8_MAX,
+            BLOCK_N=cfg.block_n, BLOCK_K=FP8_BLOCK, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        return _splitk.finish(out, target, split)
+    _fp8_block_gemm_kernel[(tiles, split)](
+        xq, xs, w, scale_inv, target,
+        m, n, k, split,
+        xq.stride(0), xs.stride(0), w.stride(0), scale_inv.stride(0), target.stride(-2), split_stride,
+        EVEN_K=k % FP8_BLOCK == 0, GROUP_M=8, INTERPRET=not x.is_cuda, FUSE_QUANT=cfg.fuse_quant, FMAX=FP8_MAX,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=FP8_BLOCK,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return _splitk.finish(out, target, split)
+
+
+def linear_fp8_block(
+    x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, backend: Backend = "auto"
+) -> torch.Tensor:
+    """y = x @ dequant(W).T for DeepSeek-V3 block-FP8 weights; x [..., K] bf16/fp16/fp32."""
+    n = weight.shape[0]
+    x2 = x.reshape(-1, x.shape[-1])
+    if not use_triton(backend, x, weight):
+        return linear_fp8_block_ref(x2, weight, scale_inv).reshape(*x.shape[:-1], n)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m, k = x2.shape
+    bucket = 1 << max(0, (m - 1).bit_length())
+    key = ("fp8", x.dtype, bucket, n, k)
+    run = lambda c: launch_fp8_block(x2, weight, scale_inv, c)  # noqa: E731
+    cfg = _tuning.pick(key, _candidates(m, interpret=not x.is_cuda), run, x.is_cuda)
+    return launch_fp8_block(x2, weight, scale_inv, cfg).reshape(*x.shape[:-1], n)

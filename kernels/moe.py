@@ -1,0 +1,337 @@
+"""Fused MoE expert GEMMs: all routed experts in one launch per projection.
+
+Pipeline for T tokens routed to k of E experts (no host sync, no Python loop over experts):
+
+1. :func:`moe_align` (one single-program Triton kernel): count tokens per expert, pad each
+   expert's count to a multiple of BLOCK_M, and write ``sorted_ids`` (flat (token, slot) indices
+   grouped by expert, padding = T*k) plus the expert of every BLOCK_M-row block. The grid of the
+   GEMMs is sized from the worst case (ceil(T*k/BLOCK_M) + min(E, T*k) blocks) so nothing is read
+   back to the host; surplus blocks exit at once.
+2. gate/up GEMM: each program gathers BLOCK_M token rows of x for one expert and computes the gate
+   *and* the up tile for the same BLOCK_N columns, storing silu(gate) * up (the [T*k, 2I]
+   pre-activation never touches memory).
+3. down GEMM on the intermediate, scaled by the routing weight in the epilogue.
+4. torch sums the k slots per token.
+
+Weight formats (chosen from w13's dtype): bf16/fp16; packed int4 (pack-quantized layout, group
+scales, optional zero points); block-FP8 (activations quantized per token per 128 first, as in
+:mod:`.fp8_block`). The per-format inner step and the tiling follow :mod:`.w4a16` (swap-AB:
+acc[BLOCK_N, BLOCK_M], dequantized weights are the register operand).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _tuning
+from ._dispatch import Backend, use_triton
+from ._tl import cast_out, int4_dot_permuted, int4_words_to_magic, mma
+from .fp8_block import quant_fp8_act
+from .reference import FP8_BLOCK, moe_experts_ref, resolve_group
+from .w4a16 import MAGIC
+
+FMT_PLAIN, FMT_INT4, FMT_FP8 = 0, 1, 2
+
+
+@triton.jit
+def _moe_align_kernel(
+    ids_ptr, sorted_ptr, block_expert_ptr, npp_ptr, scratch_ptr,
+    numel, E, max_blocks,
+    BLOCK_M: tl.constexpr, E_P2: tl.constexpr, CHUNK: tl.constexpr, BCHUNK: tl.constexpr,
+):
+    """Single program. scratch (zeroed int32 [3 * E_P2]) = counts | padded starts | fill cursors."""
+    offs_e = tl.arange(0, E_P2)
+    for start in range(0, numel, CHUNK):
+        o = start + tl.arange(0, CHUNK)
+        eid = tl.load(ids_ptr + o, mask=o < numel, other=0)
+        tl.atomic_add(scratch_ptr + eid, 1, mask=o < numel)
+    tl.debug_barrier()
+    counts = tl.load(scratch_ptr + offs_e, mask=offs_e < E, other=0)
+    padded = tl.cdiv(counts, BLOCK_M) * BLOCK_M
+    ends = tl.cumsum(padded, 0)
+    tl.store(scratch_ptr + E_P2 + offs_e, ends - padded)
+    tl.store(npp_ptr, tl.sum(padded, 0))
+    for start in range(0, max_blocks * BLOCK_M, CHUNK):
+        o = start + tl.arange(0, CHUNK)
+        tl.store(sorted_ptr + o, tl.zeros((CHUNK,), dtype=tl.int32) + numel, mask=o < max_blocks * BLOCK_M)
+    # Block b belongs to the first expert whose padded range ends after row b * BLOCK_M.
+    for b0 in range(0, max_blocks, BCHUNK):
+        b = b0 + tl.arange(0, BCHUNK)
+        before = (ends[None, :] <= (b * BLOCK_M)[:, None]) & (offs_e < E)[None, :]
+        expert = tl.minimum(tl.sum(before.to(tl.int32), axis=1), E - 1)
+        tl.store(block_expert_ptr + b, expert, mask=b < max_blocks)
+    tl.debug_barrier()
+    for start in range(0, numel, CHUNK):
+        o = start + tl.arange(0, CHUNK)
+        eid = tl.load(ids_ptr + o, mask=o < numel, other=0)
+        rank = tl.atomic_add(scratch_ptr + 2 * E_P2 + eid, 1, mask=o < numel)
+        base = tl.load(scratch_ptr + E_P2 + eid, mask=o < numel, other=0)
+        tl.store(sorted_ptr + base + rank, o, mask=o < numel)
+
+
+def max_blocks(numel: int, num_experts: int, block_m: int) -> int:
+    """Upper bound on sum_e ceil(count_e / BLOCK_M) over any routing of ``numel`` slots."""
+    return triton.cdiv(numel, block_m) + min(num_experts, numel)
+
+
+def moe_align(
+    topk_ids: torch.Tensor, num_experts: int, block_m: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sorted_ids int32 [max_blocks * block_m], block_expert int32 [max_blocks], num_padded int32 [1])."""
+    ids = topk_ids.reshape(-1).to(torch.int32)
+    numel = ids.numel()
+    nb = max_blocks(numel, num_experts, block_m)
+    e_p2 = triton.next_power_of_2(num_experts)
+    sorted_ids = torch.empty(nb * block_m, dtype=torch.int32, device=ids.device)
+    block_expert = torch.empty(nb, dtype=torch.int32, device=ids.device)
+    npp = torch.empty(1, dtype=torch.int32, device=ids.device)
+    scratch = torch.zeros(3 * e_p2, dtype=torch.int32, device=ids.device)
+    _moe_align_kernel[(1,)](
+        ids, sorted_ids, block_expert, npp, scratch, numel, num_experts, nb,
+        BLOCK_M=block_m, E_P2=e_p2, CHUNK=256, BCHUNK=max(1, 4096 // e_p2), num_warps=4,
+    )
+    return sorted_ids, block_expert, npp
+
+
+@triton.jit
+def _expert_tile(
+    w_base, s_base, z_base, rows, srows, k0, K, at, a_rows, a_s, xsum, group_size,
+    stride_wn, stride_sn, stride_zn,
+    FMT: tl.constexpr, HAS_ZP: tl.constexpr, MAGIC_BITS: tl.constexpr, MAGIC_VAL: tl.constexpr,
+    EVEN_K: tl.constexpr, INTERPRET: tl.constexpr, DTYPE: tl.constexpr, UNPACK: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Scaled contribution [BLOCK_N, BLOCK_M] of one K block of one expert's weight rows."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    if FMT == 1:
+        kw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+        ptrs = w_base + rows[:, None] * stride_wn + kw[None, :]
+        p = tl.load(ptrs) if EVEN_K else tl.load(ptrs, mask=kw[None, :] < K // 8, other=0)
+        if UNPACK == 2:
+            d = int4_dot_permuted(p, a_rows, k0, K, MAGIC_BITS, DTYPE, EVEN_K, INTERPRET, BLOCK_K)
+        else:
+            d = mma(int4_words_to_magic(p, BLOCK_N, BLOCK_K, MAGIC_BITS, DTYPE, UNPACK), at, INTERPRET)
+        g = k0 // group_size
+        s = tl.load(s_base + rows * stride_sn + g).to(tl.float32)
+        if HAS_ZP:
+            off = MAGIC_VAL + 8.0 + tl.load(z_base + rows * stride_zn + g).to(tl.float32)
+            res = s[:, None] * (d - off[:, None] * xsum[None, :])
+        else:
+            res = s[:, None] * (d - (MAGIC_VAL + 8.0) * xsum[None, :])
+    else:
+        ptrs = w_base + rows[:, None] * stride_wn + offs_k[None, :]
+        w = tl.load(ptrs) if EVEN_K else tl.load(ptrs, mask=offs_k[None, :] < K, other=0.0)
+        d = mma(w, at, INTERPRET)
+        if FMT == 2:
+            ws = tl.load(s_base + srows * stride_sn + k0 // BLOCK_K)
+            res = d * ws[:, None] * a_s[None, :]
+        else:
+            res = d
+    return res
+
+
+@triton.jit
+def _moe_gemm_kernel(
+    a_ptr, as_ptr, w_ptr, s_ptr, z_ptr, out_ptr, topk_w_ptr,
+    sorted_ptr, block_expert_ptr, npp_ptr,
+    N, K, numel, group_size, up_row, up_srow,
+    stride_am, stride_as, stride_we, stride_wn, stride_se, stride_sn, stride_ze, stride_zn, stride_om,
+    TOPK: tl.constexpr, A_PER_TOKEN: tl.constexpr, FUSE_SILU: tl.constexpr, MUL_WEIGHT: tl.constexpr,
+    FMT: tl.constexpr, HAS_ZP: tl.constexpr, MAGIC_BITS: tl.constexpr, MAGIC_VAL: tl.constexpr,
+    EVEN_K: tl.constexpr, INTERPRET: tl.constexpr, UNPACK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    if pid_m * BLOCK_M >= tl.load(npp_ptr):
+        return
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    ids = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    valid = ids < numel
+    arow = tl.where(valid, ids // TOPK if A_PER_TOKEN else ids, 0)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn = tl.minimum(offs_n, N - 1)
+    srn = rn // 128  # fp8 weight-scale row of each output row (blocks are 128 x 128)
+    w_base = w_ptr + expert * stride_we
+    s_base = s_ptr + expert * stride_se
+    z_base = z_ptr + expert * stride_ze
+    offs_k = tl.arange(0, BLOCK_K)
+    a_rows = a_ptr + arow[None, :].to(tl.int64) * stride_am
+    a_ptrs = a_rows + offs_k[:, None]  # [BLOCK_K, BLOCK_M]
+    dtype = a_ptr.dtype.element_ty
+
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    a_s = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    xsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            at = tl.load(a_ptrs + k0)
+        else:
+            at = tl.load(a_ptrs + k0, mask=(k0 + offs_k)[:, None] < K, other=0.0)
+        if FMT == 2:
+            a_s = tl.load(as_ptr + (k0 // BLOCK_K) * stride_as + arow)
+        if FMT == 1:
+            xsum = tl.sum(at.to(tl.float32), axis=0)
+        acc += _expert_tile(
+            w_base, s_base, z_base, rn, srn, k0, K, at, a_rows, a_s, xsum, group_size,
+            stride_wn, stride_sn, stride_zn,
+            FMT, HAS_ZP, MAGIC_BITS, MAGIC_VAL, EVEN_K, INTERPRET, dtype, UNPACK, BLOCK_N, BLOCK_K,
+        )
+        if FUSE_SILU:
+            acc_up += _expert_tile(
+                w_base, s_base, z_base, up_row + rn, up_srow + srn, k0, K, at, a_rows, a_s, xsum, group_size,
+                stride_wn, stride_sn, stride_zn,
+                FMT, HAS_ZP, MAGIC_BITS, MAGIC_VAL, EVEN_K, INTERPRET, dtype, UNPACK, BLOCK_N, BLOCK_K,
+            )
+
+    if FUSE_SILU:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
+    if MUL_WEIGHT:
+        acc = acc * tl.load(topk_w_ptr + ids, mask=valid, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + ids[None, :].to(tl.int64) * stride_om + offs_n[:, None]
+    y = cast_out(acc, out_ptr.dtype.element_ty, INTERPRET)
+    tl.store(out_ptrs, y, mask=valid[None, :] & (offs_n[:, None] < N))
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    block_m: int = 16
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    unpack: int = 0  # int4 unpacking mode, as in w4a16.WqConfig
+
+
+def _candidates(slots_per_expert: float, fmt: int, interpret: bool) -> list[MoeConfig]:
+    if interpret:
+        return [MoeConfig(16, 32, 4, 1)]
+    bms = (16,) if slots_per_expert <= 16 else (16, 32) if slots_per_expert <= 48 else (32, 64)
+    unpacks = (0, 1, 2) if fmt == FMT_INT4 else (0,)
+    return [MoeConfig(bm, bn, 4, 3, u) for bm in bms for bn in (64, 128) for u in unpacks]
+
+
+def _weight_args(w: torch.Tensor, scale: torch.Tensor | None, zp: torch.Tensor | None) -> tuple:
+    s = scale if scale is not None else w
+    z = zp if zp is not None else s
+    return (w, s, z, w.stride(0), w.stride(1), s.stride(0), s.stride(1), z.stride(0), z.stride(1))
+
+
+def _gemm(
+    a: torch.Tensor,
+    a_scale: torch.Tensor | None,
+    w: torch.Tensor,
+    scale: torch.Tensor | None,
+    zp: torch.Tensor | None,
+    out: torch.Tensor,
+    topk_w: torch.Tensor,
+    align: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    n: int,
+    k: int,
+    topk: int,
+    group_size: int,
+    fuse_silu: bool,
+    act_dtype: torch.dtype,
+    cfg: MoeConfig,
+) -> None:
+    fmt = FMT_INT4 if w.dtype == torch.int32 else FMT_FP8 if w.dtype == torch.float8_e4m3fn else FMT_PLAIN
+    g = resolve_group(group_size, k) if fmt == FMT_INT4 else k
+    if fmt == FMT_FP8:
+        block_k = FP8_BLOCK  # one weight/activation scale block per step
+    elif fmt == FMT_INT4 and group_size != -1:
+        block_k = min(128, g)  # a K step never straddles a scale group
+    else:
+        block_k = 128 if fmt == FMT_INT4 else 64
+    unpack = 1 if cfg.unpack == 2 and block_k < 128 and a.is_cuda else cfg.unpack  # MMA depth >= 16
+    sorted_ids, block_expert, npp = align
+    nb = block_expert.numel()
+    magic_bits, magic_val = MAGIC[act_dtype]
+    wt, s, z, swe, swn, sse, ssn, sze, szn = _weight_args(w, scale, zp)
+    a_s = a_scale if a_scale is not None else a
+    _moe_gemm_kernel[(nb * triton.cdiv(n, cfg.block_n),)](
+        a, a_s, wt, s, z, out, topk_w,
+        sorted_ids, block_expert, npp,
+        n, k, topk_w.numel(), g, n, triton.cdiv(n, 128),
+        a.stride(0), a_s.stride(0), swe, swn, sse, ssn, sze, szn, out.stride(0),
+        TOPK=topk, A_PER_TOKEN=fuse_silu, FUSE_SILU=fuse_silu, MUL_WEIGHT=not fuse_silu,
+        FMT=fmt, HAS_ZP=zp is not None, MAGIC_BITS=magic_bits, MAGIC_VAL=magic_val,
+        EVEN_K=k % block_k == 0, INTERPRET=not a.is_cuda, UNPACK=unpack,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def launch_moe(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    w13_scale: torch.Tensor | None,
+    w2_scale: torch.Tensor | None,
+    w13_zero_point: torch.Tensor | None,
+    w2_zero_point: torch.Tensor | None,
+    group_size: int,
+    cfg: MoeConfig,
+    poison: float | None = None,
+) -> torch.Tensor:
+    """Run the whole routed-expert MLP with one config (``poison`` fills scratch, for tests)."""
+    t, hidden = x.shape
+    topk = topk_ids.shape[1]
+    num_experts = w13.shape[0]
+    inter = w2.shape[2] * (8 if w2.dtype == torch.int32 else 1)
+    fp8 = w13.dtype == torch.float8_e4m3fn
+    align = moe_align(topk_ids, num_experts, cfg.block_m)
+    topk_w = topk_weights.reshape(-1).contiguous()
+    h = torch.empty(t * topk, inter, dtype=x.dtype, device=x.device)
+    y = torch.empty(t * topk, hidden, dtype=x.dtype, device=x.device)
+    if poison is not None:
+        h.fill_(poison)
+        y.fill_(poison)
+    a, a_s = quant_fp8_act(x) if fp8 else (x, None)
+    _gemm(a, a_s, w13, w13_scale, w13_zero_point, h, topk_w, align, inter, hidden, topk, group_size, True,
+          x.dtype, cfg)
+    a, a_s = quant_fp8_act(h) if fp8 else (h, None)
+    _gemm(a, a_s, w2, w2_scale, w2_zero_point, y, topk_w, align, hidden, inter, topk, group_size, False,
+          x.dtype, cfg)
+    return y.view(t, topk, hidden).sum(dim=1)
+
+
+def moe_experts(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    w13_zero_point: torch.Tensor | None = None,
+    w2_zero_point: torch.Tensor | None = None,
+    group_size: int = 128,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """sum_j topk_weights[t, j] * Expert_{topk_ids[t, j]}(x[t]) for every token (see module doc).
+
+    Shapes: x [T, H]; topk_ids / topk_weights [T, k]; w13 [E, 2I, H] (gate rows then up rows;
+    int4: int32 [E, 2I, H/8] + scales [E, 2I, H/G] + optional zero points; fp8: float8_e4m3fn +
+    scales [E, 2*ceil(I/128), ceil(H/128)], gate's grid then up's); w2 [E, H, I] likewise.
+    """
+    args = (x, topk_ids, topk_weights, w13, w2)
+    args += (w13_scale, w2_scale, w13_zero_point, w2_zero_point, group_size)
+    if not use_triton(backend, x, w13):
+        return moe_experts_ref(*args)
+    x = x.contiguous()
+    slots = topk_ids.numel() / w13.shape[0]
+    bucket = 1 << max(0, (x.shape[0] - 1).bit_length())
+    key = ("moe", w13.dtype, x.dtype, bucket, topk_ids.shape[1], *w13.shape, *w2.shape)
+    fmt = FMT_INT4 if w13.dtype == torch.int32 else FMT_PLAIN
+    cands = _candidates(slots, fmt, not x.is_cuda)
+    cfg = _tuning.pick(key, cands, lambda c: launch_moe(*args, c), x.is_cuda)
+    return launch_moe(*args, cfg)

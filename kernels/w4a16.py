@@ -1,0 +1,289 @@
+"""W4A16 / W8A16 dequant-GEMM: y[M, N] = x[M, K] @ dequant(W)[N, K].T with grouped scales.
+
+Design:
+* Swap-AB: each program computes acc[BLOCK_N, BLOCK_M] = W_tile @ x_tile.T, so the dequantized
+  weight is the MMA's A operand, produced in registers, and a decode batch of M = 1..16 is the
+  narrow N side of the MMA instead of wasting a 64-row M tile.
+* Dequant costs two integer ops per weight: ``(word >> 4i) & 0xF | MAGIC`` reinterpreted as
+  bf16 is exactly ``128 + u`` (fp16: ``1024 + u``), with no int->float conversion. The offset and
+  the zero point are removed after the dot, per group, using the per-column sum of x:
+  ``sum_k x_k (q_k - zp) s = s * (dot(x, MAGIC + u) - (MAGIC + 8 + zp) * sum_k x_k)``.
+  The group scale is applied to the [BLOCK_N, BLOCK_M] partial result, not to every weight, which
+  is why a K-block never straddles a group (BLOCK_K divides the group size).
+* Split-K for small M x small N so that every SM streams weights; partials go to an fp32
+  workspace that torch sums. For large M, the tuner may instead pick "dequantize the whole weight
+  once to bf16, then cuBLAS" (:func:`dequantize_to`), whichever is faster on the device.
+
+Measured on an H100 (BENCH_H100.md): decode of (18432, 7168) runs at ~63 us, about 1.1 TB/s of
+int4 weights, well above the 23 us bandwidth floor: the unpack and the conversion of the
+dequantized tile into the MMA register layout, not memory, bound it. Getting near the floor likely
+needs a Marlin-style pre-shuffled weight layout (one more offline repack), which this kernel
+avoids so that checkpoints load unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from . import _splitk, _tuning
+from ._dispatch import Backend, num_sms, use_triton
+from ._tl import cast_out, int4_dot_permuted, int4_words_to_magic, mma
+from .gemv import w4_gemv_kernel
+from .reference import linear_wq_ref, resolve_group
+
+# Bits of 128.0 (bf16) / 1024.0 (fp16), where one ulp is 1, and their values (see _tl.py).
+MAGIC = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}
+
+
+@triton.jit
+def _wq_gemm_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, out_ptr,
+    M, N, K, group_size, SPLIT_K,
+    stride_xm, stride_wn, stride_sn, stride_zn, stride_om, stride_osplit,
+    WBITS: tl.constexpr, HAS_ZP: tl.constexpr, MAGIC_BITS: tl.constexpr, MAGIC_VAL: tl.constexpr,
+    EVEN_K: tl.constexpr, GROUP_M: tl.constexpr, INTERPRET: tl.constexpr,
+    UNPACK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    # Grouped ordering: GROUP_M row-blocks share each weight panel while it is hot in L2.
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    gsize = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % gsize
+    pid_n = (pid % per_group) // gsize
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.minimum(offs_m, M - 1)  # clamped rows: in-bounds loads, results masked at the store
+    rn = tl.minimum(offs_n, N - 1)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_kw = tl.arange(0, BLOCK_K // 8)
+
+    k_blocks = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(k_blocks, SPLIT_K)
+    kb_start = pid_k * per_split
+    kb_end = min(kb_start + per_split, k_blocks)
+
+    x_rows = x_ptr + rm[None, :] * stride_xm
+    x_ptrs = x_rows + offs_k[:, None]  # x tile, transposed: [BLOCK_K, BLOCK_M]
+    dtype = x_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for kb in range(kb_start, kb_end):
+        k0 = kb * BLOCK_K
+        if EVEN_K:
+            xt = tl.load(x_ptrs + k0)
+        else:
+            xt = tl.load(x_ptrs + k0, mask=(k0 + offs_k)[:, None] < K, other=0.0)
+        if WBITS == 4:
+            w_ptrs = w_ptr + rn[:, None] * stride_wn + (k0 // 8 + offs_kw)[None, :]
+            if EVEN_K:
+                p = tl.load(w_ptrs)
+            else:
+                p = tl.load(w_ptrs, mask=(k0 // 8 + offs_kw)[None, :] < K // 8, other=0)
+            if UNPACK == 2:
+                d = int4_dot_permuted(p, x_rows, k0, K, MAGIC_BITS, dtype, EVEN_K, INTERPRET, BLOCK_K)
+            else:
+                d = mma(int4_words_to_magic(p, BLOCK_N, BLOCK_K, MAGIC_BITS, dtype, UNPACK), xt, INTERPRET)
+            offset = MAGIC_VAL + 8.0
+        else:
+            w_ptrs = w_ptr + rn[:, None] * stride_wn + (k0 + offs_k)[None, :]
+            if EVEN_K:
+                w = tl.load(w_ptrs).to(tl.float32).to(dtype)
+            else:
+                w = tl.load(w_ptrs, mask=(k0 + offs_k)[None, :] < K, other=0).to(tl.float32).to(dtype)
+            offset = 0.0
+            d = mma(w, xt, INTERPRET)
+        g = k0 // group_size
+        s = tl.load(s_ptr + rn * stride_sn + g).to(tl.float32)
+        if HAS_ZP:
+            zoff = offset + tl.load(z_ptr + rn * stride_zn + g).to(tl.float32)
+            xsum = tl.sum(xt.to(tl.float32), axis=0)
+            acc += s[:, None] * (d - zoff[:, None] * xsum[None, :])
+        elif WBITS == 4:
+            xsum = tl.sum(xt.to(tl.float32), axis=0)
+            acc += s[:, None] * (d - offset * xsum[None, :])
+        else:
+            acc += s[:, None] * d
+
+    out_ptrs = out_ptr + pid_k * stride_osplit + offs_m[None, :] * stride_om + offs_n[:, None]
+    mask = (offs_m[None, :] < M) & (offs_n[:, None] < N)
+    tl.store(out_ptrs, cast_out(acc, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
+
+
+@triton.jit
+def _dequant_kernel(
+    w_ptr, s_ptr, z_ptr, out_ptr, N, K, group_size, stride_wn, stride_sn, stride_zn, stride_on,
+    WBITS: tl.constexpr, HAS_ZP: tl.constexpr, MAGIC_BITS: tl.constexpr, MAGIC_VAL: tl.constexpr,
+    INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """W (packed int4 or int8) -> dense [N, K] (bf16/fp16), used before cuBLAS for large M.
+
+    Same unpacking as the GEMM (each packed word read once, 16-byte loads); BLOCK_K divides the
+    group size, so one scale (and zero point) per row per program.
+    """
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    rn = tl.minimum(offs_n, N - 1)
+    dtype = out_ptr.dtype.element_ty
+    if WBITS == 4:
+        kw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+        p = tl.load(w_ptr + rn[:, None] * stride_wn + kw[None, :], mask=kw[None, :] < K // 8, other=0)
+        q = int4_words_to_magic(p, BLOCK_N, BLOCK_K, MAGIC_BITS, tl.bfloat16, 1).to(tl.float32) - (MAGIC_VAL + 8.0)
+    else:
+        q = tl.load(w_ptr + rn[:, None] * stride_wn + offs_k[None, :], mask=offs_k[None, :] < K, other=0)
+        q = q.to(tl.float32)
+    g = k0 // group_size
+    s = tl.load(s_ptr + rn * stride_sn + g).to(tl.float32)
+    if HAS_ZP:
+        q = q - tl.load(z_ptr + rn * stride_zn + g).to(tl.float32)[:, None]
+    out = cast_out(q * s[:, None], dtype, INTERPRET)
+    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    tl.store(out_ptr + offs_n[:, None] * stride_on + offs_k[None, :], out, mask)
+
+
+@dataclass(frozen=True)
+class WqConfig:
+    """One launch strategy. ``dequant_cublas`` ignores the tile fields."""
+
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 128
+    num_warps: int = 4
+    num_stages: int = 4
+    split_k: int = 0  # 0: choose from the grid size
+    dequant_cublas: bool = False
+    unpack: int = 0  # int4 unpacking: 0 reshape, 1 join tree, 2 K-permuted MMAs (see _tl.py)
+    gemv: bool = False  # M = 1 only: CUDA-core GEMV (gemv.py), block_n rows per program
+
+
+def _candidates(m: int, interpret: bool) -> list[WqConfig]:
+    if interpret:
+        return [WqConfig(16, 32, 32, 4, 1)]
+    if m <= 16:
+        mma = [WqConfig(16, bn, 128, 4, 3, unpack=u) for bn in (32, 64, 128) for u in (0, 1, 2)]
+        gemv = [WqConfig(1, bn, 128, w, 3, gemv=True) for bn, w in ((16, 4), (32, 4), (64, 8))]
+        return mma + gemv if m == 1 else mma
+    if m <= 64:
+        return [WqConfig(bm, bn, 128, 4, 3, unpack=u) for bm in (32, 64) for bn in (64, 128) for u in (0, 2)]
+    if m <= 256:
+        return [WqConfig(bm, 128, 64, w, 3, sk) for bm in (64, 128) for w in (4, 8) for sk in (0, 1)]
+    return [
+        WqConfig(128, 128, 64, 8, 4),
+        WqConfig(128, 256, 64, 8, 3),
+        WqConfig(256, 128, 64, 8, 3),
+        WqConfig(dequant_cublas=True),
+    ]
+
+
+def dequantize_to(
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    group_size: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Dense [N, K] weight in ``dtype`` (bf16/fp16/fp32) from packed int4 / int8 (one Triton pass)."""
+    n = weight.shape[0]
+    k = weight.shape[1] * (8 if weight.dtype == torch.int32 else 1)
+    g = resolve_group(group_size, k)
+    block_k = min(128, g) if group_size != -1 else 128
+    out = torch.empty(n, k, dtype=dtype, device=weight.device)
+    zp = zero_point if zero_point is not None else scale
+    magic_bits, magic_val = MAGIC[torch.bfloat16]  # exact either way; values leave as fp32
+    _dequant_kernel[(triton.cdiv(n, 64), triton.cdiv(k, block_k))](
+        weight, scale, zp, out, n, k, g, weight.stride(0), scale.stride(0), zp.stride(0), out.stride(0),
+        WBITS=4 if weight.dtype == torch.int32 else 8, HAS_ZP=zero_point is not None,
+        MAGIC_BITS=magic_bits, MAGIC_VAL=magic_val, INTERPRET=not weight.is_cuda, BLOCK_N=64, BLOCK_K=block_k,
+    )
+    return out
+
+
+def launch_wq(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    group_size: int,
+    cfg: WqConfig,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Run one strategy on a 2-D x (exposed so tests can force every code path)."""
+    m, k = x.shape
+    n = weight.shape[0]
+    g = resolve_group(group_size, k)
+    if cfg.dequant_cublas:
+        y = F.linear(x, dequantize_to(weight, scale, zero_point, group_size, x.dtype))
+        return y if out is None else out.copy_(y)
+    wbits = 4 if weight.dtype == torch.int32 else 8
+    if cfg.gemv and (m != 1 or wbits != 4):
+        cfg = WqConfig(unpack=1)  # the GEMV handles one int4 row only
+    block_k = min(cfg.block_k, g) if group_size != -1 else cfg.block_k
+    if group_size != -1 and g % block_k:
+        raise ValueError(f"block_k {block_k} must divide the group size {g}")
+    block_m = cfg.block_m
+    unpack = 1 if cfg.unpack == 2 and block_k < 128 and x.is_cuda else cfg.unpack  # MMA depth >= 16
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, cfg.block_n)
+    k_blocks = triton.cdiv(k, block_k)
+    split = cfg.split_k or _splitk.auto_split(tiles, k_blocks, num_sms(x.device))
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    target, split_stride = _splitk.target(out, split)
+    magic_bits, magic_val = MAGIC[x.dtype]
+    zp = zero_point if zero_point is not None else scale
+    if cfg.gemv:
+        w4_gemv_kernel[(triton.cdiv(n, cfg.block_n), split)](
+            x, weight, scale, zp, target, n, k, g, split,
+            weight.stride(0), scale.stride(0), zp.stride(0), split_stride,
+            HAS_ZP=zero_point is not None, EVEN_K=k % block_k == 0, INTERPRET=not x.is_cuda,
+            BLOCK_N=cfg.block_n, BLOCK_K=block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        return _splitk.finish(out, target, split)
+    _wq_gemm_kernel[(tiles, split)](
+        x, weight, scale, zp, target,
+        m, n, k, g, split,
+        x.stride(0), weight.stride(0), scale.stride(0), zp.stride(0), target.stride(-2), split_stride,
+        WBITS=wbits, HAS_ZP=zero_point is not None, MAGIC_BITS=magic_bits, MAGIC_VAL=magic_val,
+        EVEN_K=k % block_k == 0, GROUP_M=8, INTERPRET=not x.is_cuda, UNPACK=unpack,
+        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return _splitk.finish(out, target, split)
+
+
+def linear_wq(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None = None,
+    group_size: int = 128,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """y = x @ dequant(W).T for packed int4 (int32 [N, K/8]) or int8 ([N, K]) weights.
+
+    x: [..., K] bf16/fp16; scale: [N, K / group] (any float dtype); zero_point: same shape, ints in
+    the signed q domain (w = (q - zp) * scale) or None for symmetric; group_size -1 = per channel.
+    """
+    if not use_triton(backend, x, weight):
+        return linear_wq_ref(x.reshape(-1, x.shape[-1]), weight, scale, zero_point, group_size).reshape(
+            *x.shape[:-1], weight.shape[0]
+        )
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m, k = x2.shape
+    n = weight.shape[0]
+    cands = _candidates(m, interpret=not x.is_cuda)
+    bucket = 1 << max(0, (m - 1).bit_length())
+    key = ("wq", weight.dtype, x.dtype, bucket, n, k, group_size, zero_point is not None)
+    run = lambda c: launch_wq(x2, weight, scale, zero_point, group_size, c)  # noqa: E731
+    cfg = _tuning.pick(key, cands, run, x.is_cuda)
+    return launch_wq(x2, weight, scale, zero_point, group_size, cfg).reshape(*x.shape[:-1], n)
