@@ -94,6 +94,8 @@ class CheckpointReader:
     @property
     def names(self) -> list[str]:
         """Logical tensor names: stored names less the FP8 scale companions."""
+        if is_compressed_tensors(self.config):
+            return compressed_logical_names(self.weight_map)
         return [n for n in self.weight_map if not n.endswith(SCALE_SUFFIX)]
 
     @property
@@ -156,6 +158,8 @@ class CheckpointReader:
     def read(self, names: Iterable[str], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """Logical tensors in `dtype`, FP8 blocks dequantized on the fly (never a full bf16 copy)."""
         names = list(names)
+        if is_compressed_tensors(self.config):
+            return read_compressed(self, names, dtype)
         scale_names = [n + SCALE_SUFFIX for n in names if n + SCALE_SUFFIX in self.weight_map]
         raw = self.read_raw(names + scale_names)
         block = self.config.fp8_block_size
@@ -181,6 +185,76 @@ class CheckpointReader:
 
     def read_one(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.read([name], dtype)[name]
+
+
+# ---- compressed-tensors checkpoints (written by `squeeze quantize`, llm-compressor, ...) ----------------
+# A quantized Linear `m` is stored as `m.weight_packed` (int4/int8 packed in int32) or `m.weight` (int8 /
+# fp8) with `m.weight_scale` (+ `m.weight_zero_point`, `m.weight_shape`); its logical name stays
+# `m.weight`, decoded on read by compressed-tensors' own compressors, so that LayerwiseModel, perplexity
+# and the quantization pipeline run such checkpoints unchanged.
+CT_COMPANIONS = (".weight_scale", ".weight_zero_point", ".weight_shape", ".weight_g_idx", ".input_scale",
+                 ".input_zero_point", ".input_global_scale", ".weight_global_scale")
+
+
+def is_compressed_tensors(config: ModelConfig) -> bool:
+    return (config.quantization_config or {}).get("quant_method") == "compressed-tensors"
+
+
+def compressed_logical_names(weight_map: dict[str, str]) -> list[str]:
+    out = []
+    for n in weight_map:
+        if n.endswith(CT_COMPANIONS):
+            continue
+        out.append(n[: -len("_packed")] if n.endswith(".weight_packed") else n)
+    return out
+
+
+_CT_CONFIGS: dict[int, tuple[ModelConfig, object]] = {}
+
+
+def _ct_scheme_for(config: ModelConfig, module: str):  # noqa: ANN202 - compressed_tensors' pydantic model
+    import re
+
+    from compressed_tensors.quantization import QuantizationConfig
+
+    qc = _CT_CONFIGS.get(id(config))
+    if qc is None or qc[0] is not config:  # parse once per config object, not once per tensor
+        qc = _CT_CONFIGS[id(config)] = (config, QuantizationConfig.model_validate(config.quantization_config))
+    for group in qc[1].config_groups.values():
+        for t in group.targets:
+            if (t.startswith("re:") and re.match(t[3:], module)) or t == "Linear" or module.endswith(t):
+                return group
+    raise CheckpointError(f"{module} is stored quantized but no quantization_config group targets it")
+
+
+def read_compressed(reader: CheckpointReader, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """`read` for compressed-tensors checkpoints: quantized weights dequantized in fp32, then cast."""
+    from compressed_tensors.compressors import BaseCompressor
+
+    out: dict[str, torch.Tensor] = {}
+    for name in names:
+        module = name[: -len(".weight")] if name.endswith(".weight") else None
+        packed = module is not None and f"{module}.weight_packed" in reader.weight_map
+        scaled = module is not None and f"{module}.weight_scale" in reader.weight_map
+        if not (packed or scaled):
+            t = reader.read_raw([name])[name]
+            if not t.is_floating_point():
+                raise CheckpointError(f"tensor {name} has dtype {t.dtype}; squeeze expects floating-point weights")
+            out[name] = t.to(dtype)
+            continue
+        stored = [f"{module}{s}" for s in (".weight_packed", ".weight", ".weight_scale", ".weight_zero_point",
+                                           ".weight_shape") if f"{module}{s}" in reader.weight_map]
+        raw = reader.read_raw(stored)
+        state = {k[len(module) + 1:]: v for k, v in raw.items()}
+        state["weight_scale"] = state["weight_scale"].float()
+        scheme = _ct_scheme_for(reader.config, module)
+        fmt = scheme.format or reader.config.quantization_config.get("format")
+        try:
+            w = BaseCompressor.get_value_from_registry(fmt).decompress(state, scheme)["weight"]
+        except Exception as e:  # noqa: BLE001 - any decoding failure is a corrupt checkpoint to the user
+            raise CheckpointError(f"cannot decode quantized tensor {name} ({fmt}): {e}") from None
+        out[name] = w.to(dtype)
+    return out
 
 
 def open_checkpoint(path: str | Path) -> CheckpointReader:
