@@ -18,7 +18,7 @@ from squeeze.model.runtime import LayerwiseModel
 from squeeze.model.tokenizer import load_tokenizer
 from squeeze.model.toy import ToySpec, TrainResult, make_toy
 
-__all__ = ["PerplexityResult", "ToySpec", "TrainResult", "generate", "inspect", "make_toy", "perplexity"]
+__all__ = ["PerplexityResult", "ToySpec", "TrainResult", "evaluate", "generate", "inspect", "make_toy", "perplexity"]
 
 
 def inspect(checkpoint: str | Path) -> CheckpointSummary:
@@ -67,3 +67,72 @@ def generate(checkpoint: str | Path, prompt: str, max_new_tokens: int = 40, temp
         if not text.endswith("\ufffd"):  # wait until a multi-byte character is complete
             yield text[len(shown):]
             shown = text
+
+
+def quantize(model: str | Path, out: str | Path, method: str = "gptq", bits: int | None = None,
+             group_size: int | None = None, symmetric: bool = True, act_order: bool = False,
+             scheme: str | None = None, dataset: str | None = None, num_samples: int | None = None,
+             seq_len: int | None = None, ignore: list[str] | None = None, recipe: str | Path | None = None,
+             overwrite: bool = False, show_progress: bool = False):  # noqa: ANN201 - QuantizeReport (lazy import)
+    """Quantize `model` into `out` (see `squeeze.quant`): a recipe file, or flags that build a one-rule recipe.
+
+    Flags given with a recipe override its calibration section and add to its ignore list.
+    """
+    from squeeze.quant.pipeline import quantize_checkpoint
+    from squeeze.recipe import load_recipe, recipe_from_flags
+
+    if recipe is not None:
+        rec = load_recipe(recipe)
+        rec.ignore += list(ignore or [])
+    else:
+        rec = recipe_from_flags(method, bits, group_size, symmetric, act_order, scheme, ignore)
+    cal = rec.calibration
+    cal.dataset = dataset or cal.dataset
+    cal.num_samples = num_samples or cal.num_samples
+    cal.seq_len = seq_len or cal.seq_len
+    return quantize_checkpoint(model, out, rec, overwrite=overwrite, show_progress=show_progress)
+
+
+def evaluate(base: str | Path, variants: list[str | Path] | tuple = (), tasks: list[str] | None = None,
+             limit: int | None = None, batch_size: int = 8, device: str = "cpu", out: str | Path | None = None,
+             backend: str = "squeeze", suite: str | None = None, workdir: str | Path | None = None,
+             names: list[str] | None = None, on_model: Callable[[str], None] | None = None,
+             note: Callable[[str], None] | None = None):  # noqa: ANN201 - EvalReport (lazy import: lm-eval is slow)
+    """lm-eval scores of `base` and each variant and their recovery table (see `squeeze.evaluation`).
+
+    With `suite="compression"`, the standard quantized variants of `base` are made first (under
+    `workdir`, default OUT/variants) with whichever methods this build has, and added to `variants`.
+    """
+    from squeeze.evaluation.runner import DEFAULT_TASKS
+    from squeeze.evaluation.runner import evaluate as run_eval
+    from squeeze.evaluation.suite import build_variants
+
+    variants = list(variants)
+    labels = list(names) if names else None
+    if suite is not None:
+        if workdir is None and out is None:
+            raise SqueezeError("--suite needs --out or --workdir to hold the quantized variants")
+        work = Path(workdir) if workdir is not None else Path(out).parent / f"{Path(out).name}-variants"
+        work.mkdir(parents=True, exist_ok=True)
+        made = build_variants(Path(base), work, suite, note=note or print)
+        labels = (labels or [Path(p).name for p in [base, *variants]]) + [n for n, _ in made]
+        variants += [p for _, p in made]
+    return run_eval(base, variants, tasks or DEFAULT_TASKS, limit, batch_size, device, out, backend,
+                    names=labels, on_model=on_model)
+
+
+def distill(teacher: str | Path, student: str | Path, out: str | Path, loss: str | None = None,
+            recipe: str | Path | None = None, resume: bool = False, overwrite: bool = False,
+            show_progress: bool = False, keep_state: bool = False,
+            **settings: object):  # noqa: ANN201 - DistillResult (lazy import)
+    """Distill `teacher` into the student checkpoint at `student`, writing the trained student to `out`.
+
+    `settings` are `squeeze.distill.config.DistillConfig` fields (steps, temperature, alpha, kl, ...);
+    they override the recipe's `distill:` section; None means "recipe or default".
+    """
+    from squeeze.distill.config import make_config
+    from squeeze.distill.trainer import run_distill
+
+    cfg = make_config(recipe, loss=loss, **settings)
+    return run_distill(teacher, student, out, cfg, resume=resume, overwrite=overwrite,
+                       show_progress=show_progress, keep_state=keep_state)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from squeeze.evaluation.bench_memory import measure
 
 
