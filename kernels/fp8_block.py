@@ -23,7 +23,7 @@ import triton.language as tl
 from . import _splitk, _tuning
 from ._dispatch import Backend, num_sms, use_triton
 from ._tl import cast_out, mma, to_fp8e4
-from .gemv import fp8_gemv_kernel
+from .gemv import fp8_gemv_kernel, fp8_gemv_wide_kernel
 from .reference import FP8_BLOCK, FP8_MAX, linear_fp8_block_ref
 
 
@@ -64,6 +64,7 @@ def _fp8_block_gemm_kernel(
     stride_xm, stride_xs, stride_wn, stride_wsn, stride_om, stride_osplit,
     EVEN_K: tl.constexpr, GROUP_M: tl.constexpr, INTERPRET: tl.constexpr, FUSE_QUANT: tl.constexpr,
     FMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SCALAR_WS: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -106,8 +107,14 @@ def _fp8_block_gemm_kernel(
             xt = to_fp8e4(tl.math.div_rn(xf, a_s[None, :]), INTERPRET)
         else:
             a_s = tl.load(xs_ptr + kb * stride_xs + rm)
-        w_s = tl.load(ws_ptrs + kb)
-        acc += mma(w, xt, INTERPRET) * w_s[:, None] * a_s[None, :]
+        if SCALAR_WS:
+            # The tile lies inside one 128-row weight block: fold its scale into the activation
+            # scales (BLOCK_M multiplies) so the epilogue of each K block is one FMA per element.
+            w_s1 = tl.load(ws_ptr + ((pid_n * BLOCK_N) // BLOCK_K) * stride_wsn + kb)
+            acc += mma(w, xt, INTERPRET) * (a_s * w_s1)[None, :]
+        else:
+            w_s = tl.load(ws_ptrs + kb)
+            acc += mma(w, xt, INTERPRET) * w_s[:, None] * a_s[None, :]
 
     out_ptrs = out_ptr + pid_k * stride_osplit + offs_m[None, :] * stride_om + offs_n[:, None]
     mask = (offs_m[None, :] < M) & (offs_n[:, None] < N)
@@ -123,6 +130,8 @@ class Fp8Config:
     split_k: int = 0  # 0: choose from the grid size
     fuse_quant: bool = False  # quantize x inside the GEMM (worth it for small M: x is re-read per N tile)
     gemv: bool = False  # M = 1 only: CUDA-core GEMV with fused quantization (gemv.py)
+    nb: int = 0  # with gemv: the double-buffered wide GEMV, nb K blocks per step (fuse_quant: x quantized inside)
+    cublas: bool = False  # large M: our one-pass activation quant, then cuBLAS's block-scaled fp8 GEMM (SM90)
 
 
 def _candidates(m: int, interpret: bool) -> list[Fp8Config]:
@@ -130,17 +139,19 @@ def _candidates(m: int, interpret: bool) -> list[Fp8Config]:
         return [Fp8Config(16, 32, 4, 1, fuse_quant=True)]
     if m <= 16:
         fused = [Fp8Config(16, bn, 4, 3, sk, True) for bn in (32, 64, 128) for sk in (0, 1)]
-        gemv = [Fp8Config(1, bn, w, 3, gemv=True) for bn, w in ((8, 4), (16, 4), (32, 8))]
-        return fused + [Fp8Config(16, 64, 4, 3)] + (gemv if m == 1 else [])
+        gemv = [Fp8Config(1, 16, 4, 3, gemv=True)]
+        wide = [Fp8Config(1, bn, w, 1, gemv=True, nb=nb)
+                for bn, w, nb in ((16, 8, 4), (4, 2, 4), (16, 8, 8), (8, 4, 8), (8, 4, 4), (32, 8, 4))]
+        return (wide + gemv if m == 1 else []) + fused + [Fp8Config(16, 64, 4, 3)]
     if m <= 64:
         return [Fp8Config(bm, bn, 4, 3, 0, fq) for bm in (32, 64) for bn in (64, 128) for fq in (False, True)]
     if m <= 256:
         return [Fp8Config(bm, 128, w, 4, sk) for bm in (64, 128) for w in (4, 8) for sk in (0, 1)]
-    return [
+    return [  # (block_m, block_n): block_m is the wgmma N side (swap-AB), block_n <= 128 keeps SCALAR_WS
         Fp8Config(128, 128, 8, 4),
-        Fp8Config(128, 256, 8, 3),
-        Fp8Config(256, 128, 8, 3),
+        Fp8Config(128, 128, 8, 3),
         Fp8Config(64, 128, 4, 4),
+        Fp8Config(cublas=True),
     ]
 
 
@@ -159,6 +170,14 @@ def launch_fp8_block(
     n = w.shape[0]
     if cfg.gemv and m != 1:
         cfg = Fp8Config(fuse_quant=True)  # the GEMV handles one row only
+    if cfg.gemv and cfg.nb:
+        return _launch_wide_gemv(x, w, scale_inv, cfg, out)
+    if cfg.cublas:
+        if not cublas_block_fp8_ok(x, w):
+            cfg = Fp8Config(128, 128, 8, 4)  # unsupported here: the Triton GEMM
+        else:
+            y = _cublas_block_fp8(x, w, scale_inv)
+            return y if out is None else out.copy_(y)
     if cfg.fuse_quant or cfg.gemv:
         xq, xs = x, x  # xs unused
     else:
@@ -181,8 +200,84 @@ def launch_fp8_block(
         m, n, k, split,
         xq.stride(0), xs.stride(0), w.stride(0), scale_inv.stride(0), target.stride(-2), split_stride,
         EVEN_K=k % FP8_BLOCK == 0, GROUP_M=8, INTERPRET=not x.is_cuda, FUSE_QUANT=cfg.fuse_quant, FMAX=FP8_MAX,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=FP8_BLOCK,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=FP8_BLOCK, SCALAR_WS=FP8_BLOCK % cfg.block_n == 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return _splitk.finish(out, target, split)
+
+
+_CUBLAS_OK: dict[int, bool] = {}
+
+
+def _cublas_block_fp8(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+    """x quantized by :func:`quant_fp8_act`, then ``F.scaled_mm`` with DeepSeek's 1x128 / 128x128 scales.
+
+    cuBLAS (CUDA >= 12.9, SM90) applies per-K-block scales inside its own warp-specialized fp8 GEMM, which a
+    Triton kernel cannot match at large M (it has to wait on each 128-deep MMA before scaling it). The math
+    is the same as the reference: fp8 x fp8 products, fp32 accumulation, both scales per K block. cuBLAS
+    wants the activation scales token-major ([M, K/128] with stride 1 along M, which is what
+    quant_fp8_act's K-block-major [K/128, M] is, transposed) and M a multiple of 4.
+    """
+    import torch.nn.functional as F
+
+    m = x.shape[0]
+    xp = F.pad(x, (0, 0, 0, -m % 4)) if m % 4 else x
+    xq, xs = quant_fp8_act(xp)
+    y = F.scaled_mm(xq, w.t(), xs.t(), F.ScalingType.BlockWise1x128, scale_inv.t(),
+                    F.ScalingType.BlockWise128x128, output_dtype=x.dtype)
+    return y[:m] if m % 4 else y
+
+
+def cublas_block_fp8_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether the cuBLAS path applies here and gives the reference's numbers (checked once per device).
+
+    Needs a CUDA SM90 device, torch's ``F.scaled_mm`` with block scaling, bf16/fp16 x, and N, K multiples
+    of 128 with K / 128 a multiple of 4 (cuBLAS's padding rule for the weight scales).
+    """
+    import torch.nn.functional as F
+
+    n, k = w.shape
+    if not (x.is_cuda and hasattr(F, "scaled_mm") and hasattr(F, "ScalingType") and x.dtype != torch.float32
+            and n % 128 == 0 and k % 512 == 0):
+        return False
+    dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if dev not in _CUBLAS_OK:
+        ok = torch.cuda.get_device_capability(dev) == (9, 0)
+        if ok:
+            try:
+                g = torch.Generator(device=x.device).manual_seed(0)
+                xa = torch.randn(6, 512, device=x.device, generator=g).to(torch.bfloat16)
+                wa = torch.randn(256, 512, device=x.device, generator=g).to(torch.float8_e4m3fn)
+                sa = 0.5 + torch.rand(2, 4, device=x.device, generator=g)
+                ref = linear_fp8_block_ref(xa, wa, sa).float()
+                err = (_cublas_block_fp8(xa, wa, sa).float() - ref).norm() / ref.norm()
+                ok = bool(err < 1e-2)
+            except Exception:  # noqa: BLE001 - any refusal (old cuBLAS, other layout rules) means "not here"
+                ok = False
+        _CUBLAS_OK[dev] = ok
+    return _CUBLAS_OK[dev]
+
+
+def _launch_wide_gemv(
+    x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor, cfg: Fp8Config, out: torch.Tensor | None
+) -> torch.Tensor:
+    """M = 1 through :func:`.gemv.fp8_gemv_wide_kernel` (x quantized inside, or by one tiny pass first)."""
+    k = x.shape[1]
+    n = w.shape[0]
+    if out is None:
+        out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    xq, xs = (x, x) if cfg.fuse_quant else quant_fp8_act(x)
+    steps = triton.cdiv(k, cfg.nb * FP8_BLOCK)
+    tiles = triton.cdiv(n, cfg.block_n)
+    want = 4 * num_sms(x.device)
+    split = cfg.split_k or (1 if tiles >= want else min(triton.cdiv(want, tiles), steps))
+    per = triton.cdiv(steps, split)
+    split = triton.cdiv(steps, per)  # no empty split (it would prefetch past K)
+    target, split_stride = _splitk.target(out, split)
+    fp8_gemv_wide_kernel[(tiles, split)](
+        x, xq, xs, w, scale_inv, target, n, k, per, w.stride(0), scale_inv.stride(0), split_stride,
+        EVEN_K=k % (cfg.nb * FP8_BLOCK) == 0, INTERPRET=not x.is_cuda, FMAX=FP8_MAX, FUSE_QUANT=cfg.fuse_quant,
+        BLOCK_N=cfg.block_n, NB=cfg.nb, num_warps=cfg.num_warps, num_stages=1,
     )
     return _splitk.finish(out, target, split)
 

@@ -14,11 +14,12 @@ Design:
   workspace that torch sums. For large M, the tuner may instead pick "dequantize the whole weight
   once to bf16, then cuBLAS" (:func:`dequantize_to`), whichever is faster on the device.
 
-Measured on an H100 (BENCH_H100.md): decode of (18432, 7168) runs at ~63 us, about 1.1 TB/s of
-int4 weights, well above the 23 us bandwidth floor: the unpack and the conversion of the
-dequantized tile into the MMA register layout, not memory, bound it. Getting near the floor likely
-needs a Marlin-style pre-shuffled weight layout (one more offline repack), which this kernel
-avoids so that checkpoints load unchanged.
+Measured on an H100 (BENCH_H100.md): decode of (18432, 7168) runs at ~58 us, about 1.1 TB/s of
+int4 weights, well above the 23 us bandwidth floor (the double-buffered CUDA-core GEMV in gemv.py,
+built to stream more bytes per step, measured 110 us there: it is a candidate, but loses): the
+unpack and the conversion of the dequantized tile into the MMA register layout, not memory, bound
+it. Getting near the floor likely needs a Marlin-style pre-shuffled weight layout (one more
+offline repack), which this kernel avoids so that checkpoints load unchanged.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import triton.language as tl
 from . import _splitk, _tuning
 from ._dispatch import Backend, num_sms, use_triton
 from ._tl import cast_out, int4_dot_permuted, int4_words_to_magic, mma
-from .gemv import w4_gemv_kernel
+from .gemv import w4_gemv_kernel, w4_gemv_wide_kernel
 from .reference import linear_wq_ref, resolve_group
 
 # Bits of 128.0 (bf16) / 1024.0 (fp16), where one ulp is 1, and their values (see _tl.py).
@@ -48,6 +49,7 @@ def _wq_gemm_kernel(
     WBITS: tl.constexpr, HAS_ZP: tl.constexpr, MAGIC_BITS: tl.constexpr, MAGIC_VAL: tl.constexpr,
     EVEN_K: tl.constexpr, GROUP_M: tl.constexpr, INTERPRET: tl.constexpr,
     UNPACK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PREFETCH: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -76,6 +78,10 @@ def _wq_gemm_kernel(
     x_ptrs = x_rows + offs_k[:, None]  # x tile, transposed: [BLOCK_K, BLOCK_M]
     dtype = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    if PREFETCH:
+        k_first = tl.minimum(kb_start, k_blocks - 1) * BLOCK_K
+        w_first = w_ptr + rn[:, None] * stride_wn + (k_first // 8 + offs_kw)[None, :]
+        p_pre = tl.load(w_first, mask=(k_first // 8 + offs_kw)[None, :] < K // 8, other=0)
     for kb in range(kb_start, kb_end):
         k0 = kb * BLOCK_K
         if EVEN_K:
@@ -83,11 +89,22 @@ def _wq_gemm_kernel(
         else:
             xt = tl.load(x_ptrs + k0, mask=(k0 + offs_k)[:, None] < K, other=0.0)
         if WBITS == 4:
-            w_ptrs = w_ptr + rn[:, None] * stride_wn + (k0 // 8 + offs_kw)[None, :]
-            if EVEN_K:
-                p = tl.load(w_ptrs)
+            if PREFETCH:
+                # Register double-buffering: issue the next block's words before this block's MMA
+                # (Triton's pipeliner skips loads that reach tl.dot through the unpack arithmetic).
+                p = p_pre
+                kn = tl.where(kb + 1 < kb_end, k0 + BLOCK_K, k0)
+                nw = w_ptr + rn[:, None] * stride_wn + (kn // 8 + offs_kw)[None, :]
+                if EVEN_K:
+                    p_pre = tl.load(nw)
+                else:
+                    p_pre = tl.load(nw, mask=(kn // 8 + offs_kw)[None, :] < K // 8, other=0)
             else:
-                p = tl.load(w_ptrs, mask=(k0 // 8 + offs_kw)[None, :] < K // 8, other=0)
+                w_ptrs = w_ptr + rn[:, None] * stride_wn + (k0 // 8 + offs_kw)[None, :]
+                if EVEN_K:
+                    p = tl.load(w_ptrs)
+                else:
+                    p = tl.load(w_ptrs, mask=(k0 // 8 + offs_kw)[None, :] < K // 8, other=0)
             if UNPACK == 2:
                 d = int4_dot_permuted(p, x_rows, k0, K, MAGIC_BITS, dtype, EVEN_K, INTERPRET, BLOCK_K)
             else:
@@ -163,15 +180,20 @@ class WqConfig:
     dequant_cublas: bool = False
     unpack: int = 0  # int4 unpacking: 0 reshape, 1 join tree, 2 K-permuted MMAs (see _tl.py)
     gemv: bool = False  # M = 1 only: CUDA-core GEMV (gemv.py), block_n rows per program
+    ng: int = 0  # with gemv: the double-buffered wide GEMV, ng scale sub-blocks per step (0: the old one)
+    prefetch: bool = False  # MMA kernel: load the next K block's int4 words while this one computes
 
 
 def _candidates(m: int, interpret: bool) -> list[WqConfig]:
     if interpret:
         return [WqConfig(16, 32, 32, 4, 1)]
     if m <= 16:
-        mma = [WqConfig(16, bn, 128, 4, 3, unpack=u) for bn in (32, 64, 128) for u in (0, 1, 2)]
-        gemv = [WqConfig(1, bn, 128, w, 3, gemv=True) for bn, w in ((16, 4), (32, 4), (64, 8))]
-        return mma + gemv if m == 1 else mma
+        mma = [WqConfig(16, bn, 128, w, 3, unpack=u) for bn, w in ((64, 4), (128, 4), (128, 8), (256, 8))
+               for u in (1, 2)]
+        mma += [WqConfig(16, 128, 128, 4, st, sk, unpack=2) for st, sk in ((3, 4), (3, 16), (4, 0), (2, 0))]
+        gemv = [WqConfig(1, bn, 128, w, 3, gemv=True) for bn, w in ((16, 4), (32, 4))]
+        gemv.append(WqConfig(1, 16, 128, 4, 1, gemv=True, ng=2))
+        return gemv + mma if m == 1 else mma
     if m <= 64:
         return [WqConfig(bm, bn, 128, 4, 3, unpack=u) for bm in (32, 64) for bn in (64, 128) for u in (0, 2)]
     if m <= 256:
@@ -239,6 +261,8 @@ def launch_wq(
     target, split_stride = _splitk.target(out, split)
     magic_bits, magic_val = MAGIC[x.dtype]
     zp = zero_point if zero_point is not None else scale
+    if cfg.gemv and cfg.ng:
+        return _launch_wide_gemv(x, weight, scale, zero_point, g, cfg, out)
     if cfg.gemv:
         w4_gemv_kernel[(triton.cdiv(n, cfg.block_n), split)](
             x, weight, scale, zp, target, n, k, g, split,
@@ -253,8 +277,37 @@ def launch_wq(
         x.stride(0), weight.stride(0), scale.stride(0), zp.stride(0), target.stride(-2), split_stride,
         WBITS=wbits, HAS_ZP=zero_point is not None, MAGIC_BITS=magic_bits, MAGIC_VAL=magic_val,
         EVEN_K=k % block_k == 0, GROUP_M=8, INTERPRET=not x.is_cuda, UNPACK=unpack,
-        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
+        PREFETCH=cfg.prefetch and wbits == 4, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return _splitk.finish(out, target, split)
+
+
+def _launch_wide_gemv(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, g: int,
+    cfg: WqConfig, out: torch.Tensor,
+) -> torch.Tensor:
+    """M = 1 through :func:`.gemv.w4_gemv_wide_kernel`; split-K only when N alone gives too few programs.
+
+    Splits are whole steps and never empty (an empty split would still prefetch past K).
+    """
+    k = x.shape[1]
+    n = weight.shape[0]
+    gw = min(g, 128) // 8
+    step = cfg.ng * gw
+    steps = triton.cdiv(k // 8, step)
+    tiles = triton.cdiv(n, cfg.block_n)
+    want = 4 * num_sms(x.device)
+    split = cfg.split_k or (1 if tiles >= want else min(triton.cdiv(want, tiles), steps))
+    per = triton.cdiv(steps, split)
+    split = triton.cdiv(steps, per)
+    target, split_stride = _splitk.target(out, split)
+    zp = zero_point if zero_point is not None else scale
+    w4_gemv_wide_kernel[(tiles, split)](
+        x, weight, scale, zp, target, n, k, g, per,
+        weight.stride(0), scale.stride(0), zp.stride(0), split_stride,
+        HAS_ZP=zero_point is not None, EVEN_K=(k // 8) % step == 0, INTERPRET=not x.is_cuda,
+        BLOCK_N=cfg.block_n, NG=cfg.ng, GW=gw, num_warps=cfg.num_warps, num_stages=1,
     )
     return _splitk.finish(out, target, split)
 

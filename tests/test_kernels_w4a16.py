@@ -54,8 +54,12 @@ def test_linear_matches_reference(case) -> None:
         WqConfig(16, 64, 128, 4, 1, split_k=2, unpack=2),
         WqConfig(dequant_cublas=True),
         WqConfig(1, 32, 128, 4, 1, split_k=3, gemv=True),
+        WqConfig(1, 16, 128, 4, 1, split_k=2, gemv=True, ng=2),
+        WqConfig(1, 32, 128, 4, 1, gemv=True, ng=4),
+        WqConfig(16, 32, 32, 4, 1, split_k=2, prefetch=True),
     ],
-    ids=["splitk3", "bm32_bn64", "join_unpack", "permuted_k_splitk2", "dequant_then_matmul", "gemv_splitk3"],
+    ids=["splitk3", "bm32_bn64", "join_unpack", "permuted_k_splitk2", "dequant_then_matmul", "gemv_splitk3",
+         "wide_gemv_splitk2", "wide_gemv", "prefetch_splitk2"],
 )
 @pytest.mark.parametrize("m,group,k", [(1, 128, 512), (37, 64, 512), (3, -1, 200)])
 def test_every_strategy_writes_every_element(cfg: WqConfig, m: int, group: int, k: int) -> None:
