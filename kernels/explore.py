@@ -1,6 +1,6 @@
 """Time every launch strategy of one op on DeepSeek-V3 shapes (needs a CUDA GPU); a tuning aid.
 
-    python -m squeeze.kernels.explore [--only w4,fp8,fp8big]
+    python -m squeeze.kernels.explore [--only w4,w4main,w4big,fp8,fp8big]
 
 Why: the run-time tuner keeps only the winner; picking the candidate lists (and seeing how far each
 strategy is from the floor) needs every candidate's time, each checked against the reference first.
@@ -69,6 +69,9 @@ def main() -> None:
         for n, k in [(18432, 7168), (2048, 7168)]:
             for m in (1, 16):
                 explore_w4(n, k, m)
+    if "w4main" in parts:  # the target shape only
+        for m in (1, 16):
+            explore_w4(18432, 7168, m)
     if "fp8" in parts:
         for n, k in [(18432, 7168), (2048, 7168)]:
             explore_fp8(n, k, 1)

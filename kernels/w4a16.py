@@ -14,12 +14,14 @@ Design:
   workspace that torch sums. For large M, the tuner may instead pick "dequantize the whole weight
   once to bf16, then cuBLAS" (:func:`dequantize_to`), whichever is faster on the device.
 
-Measured on an H100 (BENCH_H100.md): decode of (18432, 7168) runs at ~58 us, about 1.1 TB/s of
-int4 weights, well above the 23 us bandwidth floor (the double-buffered CUDA-core GEMV in gemv.py,
-built to stream more bytes per step, measured 110 us there: it is a candidate, but loses): the
-unpack and the conversion of the dequantized tile into the MMA register layout, not memory, bound
-it. Getting near the floor likely needs a Marlin-style pre-shuffled weight layout (one more
-offline repack), which this kernel avoids so that checkpoints load unchanged.
+Measured on an H100 (BENCH_H100.md): decode of (18432, 7168) at M = 1 runs at ~45 us through the
+nibble-phase CUDA-core GEMV (gemv.py; 1.5 TB/s of int4 weights, 2x the 23 us bandwidth floor); at
+M = 16 these MMA kernels take ~67 us (1.1 TB/s): the unpack and the conversion of the dequantized
+tile into the MMA register layout, not memory, bound them. A variant that unpacks two nibble planes
+per integer op (bf16x2 halves split by inline PTX) measured the same (66.6 vs 67.1 us), which
+suggests the layout conversion, not the integer ops, is the cost (not profiled). Getting near the
+floor at M = 16 likely needs a Marlin-style pre-shuffled weight layout (one more offline repack),
+which this kernel avoids so that checkpoints load unchanged.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import triton.language as tl
 from . import _splitk, _tuning
 from ._dispatch import Backend, num_sms, use_triton
 from ._tl import cast_out, int4_dot_permuted, int4_words_to_magic, mma
-from .gemv import w4_gemv_kernel, w4_gemv_wide_kernel
+from .gemv import w4_gemv_phase_kernel, x_phase_kernel
 from .reference import linear_wq_ref, resolve_group
 
 # Bits of 128.0 (bf16) / 1024.0 (fp16), where one ulp is 1, and their values (see _tl.py).
@@ -179,8 +181,8 @@ class WqConfig:
     split_k: int = 0  # 0: choose from the grid size
     dequant_cublas: bool = False
     unpack: int = 0  # int4 unpacking: 0 reshape, 1 join tree, 2 K-permuted MMAs (see _tl.py)
-    gemv: bool = False  # M = 1 only: CUDA-core GEMV (gemv.py), block_n rows per program
-    ng: int = 0  # with gemv: the double-buffered wide GEMV, ng scale sub-blocks per step (0: the old one)
+    gemv: bool = False  # M = 1 only: CUDA-core nibble-phase GEMV (gemv.py), block_n rows per program
+    ng: int = 8  # with gemv: sub-blocks (<= 128 values, inside one scale group) per double-buffered step
     prefetch: bool = False  # MMA kernel: load the next K block's int4 words while this one computes
 
 
@@ -191,8 +193,7 @@ def _candidates(m: int, interpret: bool) -> list[WqConfig]:
         mma = [WqConfig(16, bn, 128, w, 3, unpack=u) for bn, w in ((64, 4), (128, 4), (128, 8), (256, 8))
                for u in (1, 2)]
         mma += [WqConfig(16, 128, 128, 4, st, sk, unpack=2) for st, sk in ((3, 4), (3, 16), (4, 0), (2, 0))]
-        gemv = [WqConfig(1, bn, 128, w, 3, gemv=True) for bn, w in ((16, 4), (32, 4))]
-        gemv.append(WqConfig(1, 16, 128, 4, 1, gemv=True, ng=2))
+        gemv = [WqConfig(1, bn, 128, w, 1, gemv=True, ng=ng) for bn, w, ng in ((16, 8, 8), (8, 8, 8), (16, 8, 4))]
         return gemv + mma if m == 1 else mma
     if m <= 64:
         return [WqConfig(bm, bn, 128, 4, 3, unpack=u) for bm in (32, 64) for bn in (64, 128) for u in (0, 2)]
@@ -248,6 +249,10 @@ def launch_wq(
     wbits = 4 if weight.dtype == torch.int32 else 8
     if cfg.gemv and (m != 1 or wbits != 4):
         cfg = WqConfig(unpack=1)  # the GEMV handles one int4 row only
+    if cfg.gemv:
+        if out is None:
+            out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+        return _launch_phase_gemv(x, weight, scale, zero_point, group_size, g, cfg, out)
     block_k = min(cfg.block_k, g) if group_size != -1 else cfg.block_k
     if group_size != -1 and g % block_k:
         raise ValueError(f"block_k {block_k} must divide the group size {g}")
@@ -261,16 +266,6 @@ def launch_wq(
     target, split_stride = _splitk.target(out, split)
     magic_bits, magic_val = MAGIC[x.dtype]
     zp = zero_point if zero_point is not None else scale
-    if cfg.gemv and cfg.ng:
-        return _launch_wide_gemv(x, weight, scale, zero_point, g, cfg, out)
-    if cfg.gemv:
-        w4_gemv_kernel[(triton.cdiv(n, cfg.block_n), split)](
-            x, weight, scale, zp, target, n, k, g, split,
-            weight.stride(0), scale.stride(0), zp.stride(0), split_stride,
-            HAS_ZP=zero_point is not None, EVEN_K=k % block_k == 0, INTERPRET=not x.is_cuda,
-            BLOCK_N=cfg.block_n, BLOCK_K=block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-        return _splitk.finish(out, target, split)
     _wq_gemm_kernel[(tiles, split)](
         x, weight, scale, zp, target,
         m, n, k, g, split,
@@ -283,19 +278,24 @@ def launch_wq(
     return _splitk.finish(out, target, split)
 
 
-def _launch_wide_gemv(
-    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, g: int,
-    cfg: WqConfig, out: torch.Tensor,
+def _launch_phase_gemv(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, group_size: int,
+    g: int, cfg: WqConfig, out: torch.Tensor,
 ) -> torch.Tensor:
-    """M = 1 through :func:`.gemv.w4_gemv_wide_kernel`; split-K only when N alone gives too few programs.
+    """M = 1 through :func:`.gemv.w4_gemv_phase_kernel`, after one tiny pass that permutes x.
 
-    Splits are whole steps and never empty (an empty split would still prefetch past K).
+    Split-K only when N alone gives too few programs; splits are whole steps and never empty (an
+    empty split would still prefetch past K). A sub-block (GW words) never straddles a scale group.
     """
     k = x.shape[1]
     n = weight.shape[0]
-    gw = min(g, 128) // 8
+    gw = 16 if group_size == -1 else min(g, 128) // 8
     step = cfg.ng * gw
     steps = triton.cdiv(k // 8, step)
+    n_sub = steps * cfg.ng
+    xp = torch.empty(n_sub * gw * 8, dtype=torch.float32, device=x.device)
+    xs = torch.empty(n_sub, dtype=torch.float32, device=x.device)
+    x_phase_kernel[(n_sub,)](x, xp, xs, k, GW=gw, num_warps=1)
     tiles = triton.cdiv(n, cfg.block_n)
     want = 4 * num_sms(x.device)
     split = cfg.split_k or (1 if tiles >= want else min(triton.cdiv(want, tiles), steps))
@@ -303,8 +303,8 @@ def _launch_wide_gemv(
     split = triton.cdiv(steps, per)
     target, split_stride = _splitk.target(out, split)
     zp = zero_point if zero_point is not None else scale
-    w4_gemv_wide_kernel[(tiles, split)](
-        x, weight, scale, zp, target, n, k, g, per,
+    w4_gemv_phase_kernel[(tiles, split)](
+        xp, xs, weight, scale, zp, target, n, k, g, per,
         weight.stride(0), scale.stride(0), zp.stride(0), split_stride,
         HAS_ZP=zero_point is not None, EVEN_K=(k // 8) % step == 0, INTERPRET=not x.is_cuda,
         BLOCK_N=cfg.block_n, NG=cfg.ng, GW=gw, num_warps=cfg.num_warps, num_stages=1,

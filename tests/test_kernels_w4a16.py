@@ -53,13 +53,12 @@ def test_linear_matches_reference(case) -> None:
         WqConfig(16, 32, 64, 4, 1, unpack=1),
         WqConfig(16, 64, 128, 4, 1, split_k=2, unpack=2),
         WqConfig(dequant_cublas=True),
-        WqConfig(1, 32, 128, 4, 1, split_k=3, gemv=True),
+        WqConfig(1, 32, 128, 4, 1, split_k=3, gemv=True, ng=1),
         WqConfig(1, 16, 128, 4, 1, split_k=2, gemv=True, ng=2),
-        WqConfig(1, 32, 128, 4, 1, gemv=True, ng=4),
         WqConfig(16, 32, 32, 4, 1, split_k=2, prefetch=True),
     ],
     ids=["splitk3", "bm32_bn64", "join_unpack", "permuted_k_splitk2", "dequant_then_matmul", "gemv_splitk3",
-         "wide_gemv_splitk2", "wide_gemv", "prefetch_splitk2"],
+         "gemv_splitk2", "prefetch_splitk2"],
 )
 @pytest.mark.parametrize("m,group,k", [(1, 128, 512), (37, 64, 512), (3, -1, 200)])
 def test_every_strategy_writes_every_element(cfg: WqConfig, m: int, group: int, k: int) -> None:
@@ -67,6 +66,26 @@ def test_every_strategy_writes_every_element(cfg: WqConfig, m: int, group: int, 
     out = launch_wq(x, w, scale, zero, group, cfg, out=poisoned(m, 80, dtype=torch.bfloat16))
     ref = linear_wq_ref(x.cpu(), w.cpu(), scale.cpu(), zero.cpu(), group)
     assert rel_err(out, ref) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize(
+    "n,k,group,zp,dtype,ng,split",
+    [
+        (80, 512, 128, True, torch.bfloat16, 4, 0),
+        (72, 200, -1, False, torch.float16, 2, 0),  # K off the step, per channel
+        (50, 384, 32, True, torch.bfloat16, 2, 2),  # small groups, split-K
+        (40, 1280, 128, False, torch.bfloat16, 4, 0),  # last step half full
+        (33, 1024, 64, False, torch.float16, 1, 3),
+    ],
+)
+def test_phase_gemv(n: int, k: int, group: int, zp: bool, dtype: torch.dtype, ng: int, split: int) -> None:
+    """The M = 1 nibble-phase GEMV (gemv.w4_gemv_phase_kernel) on random data, N and K off its blocks."""
+    x, w, scale, zero = make(1, n, k, group, zp, dtype, 4, seed=n)
+    x = x * 3.0  # values far from 1 so an offset error shows
+    cfg = WqConfig(1, 16, 128, 4, 1, split_k=split, gemv=True, ng=ng)
+    out = launch_wq(x, w, scale, zero, group, cfg, out=poisoned(1, n, dtype=dtype))
+    ref = linear_wq_ref(x.cpu(), w.cpu(), scale.cpu(), None if zero is None else zero.cpu(), group)
+    assert rel_err(out, ref) < TOL[dtype]
 
 
 @pytest.mark.parametrize("bits,zp", [(4, True), (4, False), (8, True)])
