@@ -1,6 +1,7 @@
 """lm-eval's `LM` interface over squeeze's own runtime.
 
-Going through `LayerwiseModel` rather than transformers means a quantized checkpoint is scored by the
+Going through `QuantizedRuntime` (squeeze's layer-by-layer runtime plus the checkpoint's dynamic activation
+quantization) rather than transformers means a quantized checkpoint is scored by the
 same code that serves it (squeeze's kernels on a GPU, fake-quant on the CPU), and a model too large
 for memory is still evaluated one layer at a time. Requests are grouped into length-sorted,
 right-padded batches (safe for a causal model: a position never sees the padding after it) and each
@@ -18,8 +19,8 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from squeeze.checkpoint.reader import CheckpointReader
-from squeeze.model.runtime import LayerwiseModel
 from squeeze.model.tokenizer import BOS, EOS, load_tokenizer
+from squeeze.quant.runtime import QuantizedRuntime
 
 # Models below this size keep their layers in memory: re-reading them per batch group would dominate.
 _KEEP_LAYERS_BYTES = 2 * 1024**3
@@ -39,7 +40,7 @@ class SqueezeLM(TemplateLM):
         reader = CheckpointReader(checkpoint)
         if keep_layers is None:
             keep_layers = reader.file_size() < _KEEP_LAYERS_BYTES
-        self.model = LayerwiseModel(reader, dtype=dtype, device=device, keep_layers=keep_layers)
+        self.model = QuantizedRuntime(reader, dtype=dtype, device=device, keep_layers=keep_layers)
         self.tokenizer = load_tokenizer(checkpoint)
         raw = self.model.config.raw
         self._eos = raw.get("eos_token_id", self.tokenizer.token_to_id(EOS))

@@ -137,17 +137,35 @@ def generate(
 def demo(
     out: Annotated[Path, typer.Argument(help="Working directory for the demo's checkpoints.")] = Path("runs/demo"),
     train_steps: int = 500,
+    eval_limit: Annotated[int, typer.Option(help="Documents per evaluation task.")] = 50,
 ) -> None:
-    """Make and train the toy MoE, inspect it, measure its perplexity and let it write."""
+    """The main job on the toy: make and train a MoE, quantize it two ways, and score what survived.
+
+    Each step is the command a user would type (shown before it runs), and finished steps are reused,
+    so an interrupted demo picks up where it stopped.
+    """
     out.mkdir(parents=True, exist_ok=True)
     base = out / "toy"
-    if base.exists():
-        console.print(f"reusing the toy model in {base}")
-    else:
-        toy(base, train_steps=train_steps)
-    inspect(base)
-    perplexity(base)
-    generate(base, "And God said", max_new_tokens=30)
+    w4, fp8 = out / "toy-w4a16-gptq", out / "toy-fp8-block"
+    if not base.exists():
+        _run("toy", str(base), "--train-steps", str(train_steps))
+    _run("inspect", str(base))
+    _run("perplexity", str(base))
+    _run("generate", str(base), "And God said", "--max-new-tokens", "30")
+    if not w4.exists():
+        _run("quantize", str(base), str(w4), "--method", "gptq", "--bits", "4", "--group-size", "128")
+    if not fp8.exists():
+        _run("quantize", str(base), str(fp8), "--method", "fp8-block")
+    _run("eval", str(base), str(w4), str(fp8), "--names", "BF16,W4A16-GPTQ,FP8-block", "--limit",
+         str(eval_limit), "--out", str(out / "eval"))
+
+
+def _run(*argv: str) -> None:
+    """Run a squeeze command in-process exactly as typed on the command line; stop the demo if it fails."""
+    console.rule(f"[bold]squeeze {' '.join(argv)}")
+    code = typer.main.get_command(app).main(list(argv), prog_name="squeeze", standalone_mode=False)
+    if code:
+        raise typer.Exit(code)
 
 
 # Commands of the other subsystems live in squeeze/commands/, one module each.

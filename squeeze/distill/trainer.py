@@ -123,7 +123,7 @@ class Distiller:
     def teacher_targets(self, inputs: torch.Tensor, step: int, micro: int) -> TeacherTargets:
         t_layers = tuple(sorted(set(self.layer_map.values())))
         if self.teacher is None:  # cached
-            d = torch.load(cache_file(self.cache_dir, step, micro), map_location=self.device)
+            d = torch.load(cache_file(self.cache_dir, step, micro), map_location=self.device, weights_only=True)
             return TeacherTargets(d["topk_values"].float(), d["topk_indices"].long(),
                                   {t: d[f"hidden.{t}"].float() for t in t_layers if f"hidden.{t}" in d},
                                   {t: d[f"attn.{t}"].float() for t in t_layers if f"attn.{t}" in d})
@@ -187,7 +187,7 @@ class Distiller:
                      "optimizer": self.opt.state_dict()}, self.state_dir / STATE_FILE)
 
     def load_state(self) -> tuple[int, list[dict[str, float]]]:
-        d = torch.load(self.state_dir / STATE_FILE, map_location=self.device, weights_only=False)
+        d = torch.load(self.state_dir / STATE_FILE, map_location=self.device, weights_only=True)
         saved = {k: v for k, v in d["config"].items() if k != "steps"}
         now = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k != "steps"}
         diff = sorted(k for k in now if saved.get(k) != now[k] and not (k == "betas" and tuple(saved[k]) == now[k]))

@@ -126,9 +126,13 @@ def fake_quantize_activations(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:
     """Dynamic activation quant-dequant: per token, or per 1xG group (DeepSeek's 1x128 FP8)."""
     shape = x.shape
     if args.strategy == "group":
+        # a K that is not a multiple of G gets a short last group (zero padding leaves its amax as is),
+        # as DeepSeek FP8 checkpoints have partial 128-blocks on such dimensions
         g = int(args.group_size or shape[-1])
-        if shape[-1] % g:
-            raise SqueezeError(f"activation group size {g} does not divide the input dimension {shape[-1]}")
+        pad = -shape[-1] % g
+        if pad:
+            padded = torch.nn.functional.pad(x, (0, pad))
+            return fake_quantize_activations(padded, args)[..., : shape[-1]]
         v = x.reshape(-1, shape[-1] // g, g)
     elif args.strategy == "tensor":
         v = x.reshape(1, -1)

@@ -57,10 +57,15 @@ def activation_schemes(reader: CheckpointReader) -> list[tuple[re.Pattern[str] |
 
 
 class QuantizedRuntime(LayerwiseModel):
-    """LayerwiseModel that also applies the checkpoint's dynamic activation quantization."""
+    """LayerwiseModel that also applies the checkpoint's dynamic activation quantization.
 
-    def __init__(self, checkpoint: str | Path | CheckpointReader, dtype: torch.dtype = torch.float32) -> None:
-        super().__init__(checkpoint, dtype=dtype)
+    On a checkpoint without activation quantization it is exactly LayerwiseModel, so every command that
+    runs a checkpoint (perplexity, generate, eval) uses this class and needs no "is it quantized?" branch.
+    """
+
+    def __init__(self, checkpoint: str | Path | CheckpointReader, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu", keep_layers: bool = False) -> None:
+        super().__init__(checkpoint, dtype=dtype, device=device, keep_layers=keep_layers)
         self._acts = activation_schemes(self.reader)
 
     def load_layer(self, index: int) -> DecoderLayer:
