@@ -14,9 +14,9 @@ from squeeze.checkpoint.reader import CheckpointReader
 from squeeze.data import load_text, token_windows
 from squeeze.errors import SqueezeError
 from squeeze.inspect import CheckpointSummary, summarize
-from squeeze.model.runtime import LayerwiseModel
 from squeeze.model.tokenizer import load_tokenizer
 from squeeze.model.toy import ToySpec, TrainResult, make_toy
+from squeeze.quant.runtime import QuantizedRuntime
 
 __all__ = ["PerplexityResult", "ToySpec", "TrainResult", "evaluate", "generate", "inspect", "make_toy", "perplexity"]
 
@@ -39,7 +39,7 @@ def perplexity(checkpoint: str | Path, text: str | Path = "corpus:heldout", seq_
     """Perplexity over consecutive non-overlapping windows of `text`, run layer by layer from disk."""
     if seq_len < 2:
         raise SqueezeError("--seq-len must be at least 2")
-    model = LayerwiseModel(checkpoint, dtype=dtype, device=device)
+    model = QuantizedRuntime(checkpoint, dtype=dtype, device=device)
     tok = load_tokenizer(checkpoint)
     windows = token_windows(tok.encode(load_text(text)).ids, seq_len, max_windows)
     start = time.perf_counter()
@@ -53,7 +53,7 @@ def generate(checkpoint: str | Path, prompt: str, max_new_tokens: int = 40, temp
     """Stream decoded text pieces for `prompt`; layers stay resident when the model is small."""
     reader = CheckpointReader(checkpoint)
     small = reader.file_size() < 2 * 1024**3
-    model = LayerwiseModel(reader, device=device, keep_layers=small)
+    model = QuantizedRuntime(reader, device=device, keep_layers=small)
     tok = load_tokenizer(checkpoint)
     ids = tok.encode(prompt).ids
     if not ids:
@@ -73,10 +73,14 @@ def quantize(model: str | Path, out: str | Path, method: str = "gptq", bits: int
              group_size: int | None = None, symmetric: bool = True, act_order: bool = False,
              scheme: str | None = None, dataset: str | None = None, num_samples: int | None = None,
              seq_len: int | None = None, ignore: list[str] | None = None, recipe: str | Path | None = None,
-             overwrite: bool = False, show_progress: bool = False):  # noqa: ANN201 - QuantizeReport (lazy import)
+             overwrite: bool = False, show_progress: bool = False, alpha: float | str | None = None,
+             steps: int | None = None, lr: float | None = None,
+             start: str | None = None):  # noqa: ANN201 - QuantizeReport (lazy import)
     """Quantize `model` into `out` (see `squeeze.quant`): a recipe file, or flags that build a one-rule recipe.
 
-    Flags given with a recipe override its calibration section and add to its ignore list.
+    Flags given with a recipe override its calibration section and add to its ignore list. `alpha` is
+    SmoothQuant's migration strength (or "search"); `steps`, `lr`, `start` are QAT's. A recipe whose
+    rules use `qat` runs the whole-model QAT trainer instead of the layer-by-layer pipeline.
     """
     from squeeze.quant.pipeline import quantize_checkpoint
     from squeeze.recipe import load_recipe, recipe_from_flags
@@ -85,11 +89,16 @@ def quantize(model: str | Path, out: str | Path, method: str = "gptq", bits: int
         rec = load_recipe(recipe)
         rec.ignore += list(ignore or [])
     else:
-        rec = recipe_from_flags(method, bits, group_size, symmetric, act_order, scheme, ignore)
+        rec = recipe_from_flags(method, bits, group_size, symmetric, act_order, scheme, ignore,
+                                alpha=alpha, steps=steps, lr=lr, start=start)
     cal = rec.calibration
     cal.dataset = dataset or cal.dataset
     cal.num_samples = num_samples or cal.num_samples
     cal.seq_len = seq_len or cal.seq_len
+    if any(r.method == "qat" for r in rec.rules):
+        from squeeze.quant.qat import quantize_qat
+
+        return quantize_qat(model, out, rec, overwrite=overwrite, show_progress=show_progress)
     return quantize_checkpoint(model, out, rec, overwrite=overwrite, show_progress=show_progress)
 
 

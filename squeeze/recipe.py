@@ -139,19 +139,42 @@ def load_recipe(path: str | Path) -> Recipe:
 
 def recipe_from_flags(method: str, bits: int | None = None, group_size: int | None = None,
                       symmetric: bool = True, act_order: bool = False, scheme: str | None = None,
-                      ignore: list[str] | None = None, calibration: Calibration | None = None) -> Recipe:
+                      ignore: list[str] | None = None, calibration: Calibration | None = None,
+                      alpha: float | str | None = None, steps: int | None = None, lr: float | None = None,
+                      start: str | None = None) -> Recipe:
     """The CLI shorthand: one rule over every decoder-layer Linear."""
+    smooth = method in ("smoothquant", "smoothquant+gptq")
     if method == "fp8-block":
         spec: Any = scheme or "FP8_BLOCK"
+    elif smooth:  # W8A8-INT8 by definition: int8 weights per channel, int8 activations per token
+        if bits not in (None, 8):
+            raise SqueezeError(f"{method} quantizes weights and activations to int8: --bits must be 8, got {bits}")
+        if group_size is not None:
+            raise SqueezeError(f"--group-size does not apply to {method} (W8A8 weights are per output channel)")
+        spec = "W8A8_INT8" if scheme is None or scheme.upper().replace("-", "_") in ("W8A8", "W8A8_INT8") else scheme
     elif scheme:
         spec = scheme
     else:
         b = bits or 4
-        spec = {"preset": "W4A16" if b == 4 else "W8A16", "bits": b,
-                "group_size": group_size if group_size is not None else (128 if b == 4 else -1),
+        spec = {"preset": "W4A16" if b < 8 else "W8A16", "bits": b,
+                "group_size": group_size if group_size is not None else (128 if b < 8 else -1),
                 "symmetric": symmetric}
-    params = {"act_order": True} if act_order and method == "gptq" else {}
-    if act_order and method != "gptq":
-        raise SqueezeError("--act-order applies to --method gptq only")
+    params: dict[str, Any] = {}
+    if act_order:
+        if method not in ("gptq", "smoothquant+gptq") and not (method == "qat" and start == "gptq"):
+            raise SqueezeError("--act-order applies to --method gptq (or smoothquant+gptq, qat --start gptq) only")
+        params["act_order"] = True
+    if alpha is not None:
+        if not smooth:
+            raise SqueezeError("--alpha applies to --method smoothquant / smoothquant+gptq only")
+        try:
+            params["alpha"] = float(alpha)
+        except ValueError:
+            params["alpha"] = str(alpha)
+    qat = {"steps": steps, "lr": lr, "start": start}
+    if any(v is not None for v in qat.values()):
+        if method != "qat":
+            raise SqueezeError("--steps / --lr / --start apply to --method qat only")
+        params.update({k: v for k, v in qat.items() if v is not None})
     return Recipe([Rule([ALL_LINEARS], scheme_from_dict(spec), method, params, spec)], list(ignore or []),
                   calibration or Calibration())

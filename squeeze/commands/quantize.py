@@ -1,4 +1,4 @@
-"""`squeeze quantize`: RTN, GPTQ and block FP8 through the layer-by-layer pipeline (`squeeze.quant`)."""
+"""`squeeze quantize`: RTN, GPTQ, AWQ, SmoothQuant, block FP8 (layer-by-layer pipeline) and QAT (`squeeze.quant`)."""
 
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ def register(app: typer.Typer) -> None:
     def quantize(
         model: Annotated[Path, typer.Argument(help="input checkpoint (bf16 or DeepSeek FP8-block)")],
         out: Annotated[Path, typer.Argument(help="output directory (must not exist)")],
-        method: Annotated[str, typer.Option(help="rtn | gptq | fp8-block (and methods added later)")] = "gptq",
-        bits: Annotated[int | None, typer.Option(help="weight bits: 4 or 8")] = None,
+        method: Annotated[str, typer.Option(
+            help="rtn | gptq | awq | smoothquant | smoothquant+gptq | qat | fp8-block")] = "gptq",
+        bits: Annotated[int | None, typer.Option(help="weight bits: 4 or 8 (3 for studies; smoothquant: 8)")] = None,
         group_size: Annotated[int | None, typer.Option(help="32 | 64 | 128 | -1 (per channel)")] = None,
         symmetric: Annotated[bool, typer.Option("--symmetric/--asymmetric")] = True,
         act_order: Annotated[bool, typer.Option("--act-order", help="GPTQ: columns by decreasing Hessian")] = False,
@@ -31,12 +32,17 @@ def register(app: typer.Typer) -> None:
         ignore: Annotated[list[str] | None, typer.Option(help="regex of modules to keep unquantized")] = None,
         recipe: Annotated[Path | None, typer.Option(help="recipe YAML (rules of targets/scheme/method)")] = None,
         overwrite: Annotated[bool, typer.Option(help="replace OUT if it exists")] = False,
+        alpha: Annotated[str | None, typer.Option(help="smoothquant: migration strength in [0, 1] or 'search'")] = None,
+        steps: Annotated[int | None, typer.Option(help="qat: training steps")] = None,
+        lr: Annotated[float | None, typer.Option(help="qat: learning rate")] = None,
+        start: Annotated[str | None, typer.Option(help="qat: PTQ start, rtn | gptq")] = None,
     ) -> None:
         """Quantize MODEL into OUT (compressed-tensors, or DeepSeek's FP8 layout for fp8-block)."""
         from squeeze import api
 
         report = api.quantize(model, out, method, bits, group_size, symmetric, act_order, scheme, dataset,
-                              num_samples, seq_len, ignore, recipe, overwrite, show_progress=True)
+                              num_samples, seq_len, ignore, recipe, overwrite, show_progress=True,
+                              alpha=alpha, steps=steps, lr=lr, start=start)
         table = Table(title=f"quantized {report.quantized_modules} Linear modules -> {out} ({report.layout})")
         for col in ("layer", "seconds", "mean rel. error", "max rel. error"):
             table.add_column(col, justify="right")
@@ -47,6 +53,10 @@ def register(app: typer.Typer) -> None:
             console.print(f"method [bold]{name}[/]: {secs:.1f}s")
         console.print(f"calibration {report.calibration_tokens} tokens, {report.calibration_seconds:.1f}s; "
                       f"total {report.total_seconds:.1f}s; peak memory {human_bytes(report.peak_rss_bytes)}")
+        qat = getattr(report, "qat", None)
+        if qat:
+            console.print(f"qat: {qat['steps']} steps from {qat['start']}, loss {qat['first_loss']:.3f} -> "
+                          f"{qat['last_loss']:.3f}")
         cov = report.expert_coverage()
         if cov:
             console.print(f"expert coverage (routed tokens per expert): min {cov['min']:.0f}, "

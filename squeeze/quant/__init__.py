@@ -22,9 +22,15 @@ Module map
                     DeepSeek FP8 (`weight` + `weight_scale_inv`).
     runtime.py      `QuantizedRuntime`: LayerwiseModel + the checkpoint's dynamic activation quant.
     bench_memory.py peak RSS of quantizing 4- vs 16-layer toys (flat in depth).
-    (next) awq.py, smoothquant.py, qat.py register further methods the same way.
+    folding.py      scale folding for a DeepSeek layer (norm -> q_a/kv_a, q_a_norm -> q_b, kv_a_norm -> kv_b,
+                    post-attention norm -> router + every expert's gate/up, up -> down), shared by:
+    awq.py          AWQ (activation-aware scale search + clipping search), `whole_layer` method.
+    smoothquant.py  SmoothQuant W8A8-INT8 (alpha or alpha search), alone or with GPTQ weights.
+    qat.py          whole-model quantization-aware training (STE fake-quant, KL to the base + CE),
+                    starting from RTN or GPTQ; exported like PTQ.
+    study.py        `python -m squeeze.quant.study TOY WORKDIR`: the perplexity table of every method.
 
-Method interface (what awq.py / smoothquant.py / qat.py implement)
+Method interface (what rtn.py / gptq.py / awq.py / smoothquant.py implement)
 
     @register_method
     class AWQ(QuantMethod):
@@ -38,6 +44,7 @@ Method interface (what awq.py / smoothquant.py / qat.py implement)
             # targets: [Target(name, local, module, scheme, method, params)] assigned to this method
             # return:  {target.name: QuantizedWeight}, e.g. via rtn.rtn_quantize(w, scheme)
 
-Methods are called once per layer per method (in chunks of a few targets), after statistics are
+Methods are called once per layer per method (in chunks of a few targets, or all at once for a
+method with `whole_layer = True`: a fold spans many Linears), after statistics are
 collected and before the pipeline swaps in `QuantLinear`s and computes the next layer's inputs.
 """

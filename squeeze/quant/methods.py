@@ -28,6 +28,8 @@ from squeeze.quant.linear import QuantizedWeight
 class QuantMethod(ABC):
     name: ClassVar[str]
     needs_hessian: ClassVar[bool] = False
+    # True when one transform spans many Linears (AWQ / SmoothQuant folds): get all targets in one call
+    whole_layer: ClassVar[bool] = False
 
     def __init__(self, **params: Any) -> None:
         self.params = params

@@ -233,7 +233,7 @@ def quantize_checkpoint(model_dir: str | Path, out_dir: str | Path, recipe: Reci
                     if not group:
                         continue
                     tm = time.perf_counter()
-                    for chunk in _chunks(group, 8):
+                    for chunk in _chunks(group, len(group) if method.whole_layer else 8):
                         chosen.update(method.quantize_layer(layer, calib, chunk))
                         if progress is not None:
                             progress.advance(module_task, len(chunk))

@@ -29,8 +29,8 @@ class QuantArgs:
     dynamic: bool = False
 
     def __post_init__(self) -> None:
-        if self.type == "int" and self.num_bits not in (4, 8):
-            raise SqueezeError(f"unsupported integer width {self.num_bits} bits (use 4 or 8)")
+        if self.type == "int" and not 2 <= self.num_bits <= 8:  # 3-bit: AWQ/QAT studies (pack-quantized)
+            raise SqueezeError(f"unsupported integer width {self.num_bits} bits (use 2 to 8; 4 and 8 have kernels)")
         if self.type == "float" and self.num_bits != 8:
             raise SqueezeError("float quantization is fp8 (e4m3): num_bits must be 8")
         if self.strategy == "group" and (self.group_size is None or self.group_size <= 0):
