@@ -175,7 +175,10 @@ def test_awq_w3_checkpoint_perplexity_and_readback(trained_toy: Path, tmp_path: 
     total, count = QuantizedRuntime(trained_toy).nll(w, 12)
     base = math.exp(total / count)
     print({"base": base, **ppl})
-    assert base < ppl["awq"] < ppl["rtn"]
+    # W3 RTN costs measurable perplexity; AWQ must win back a real part of it (on this toy it can even land
+    # a hair under base, so base is not a lower bound here)
+    assert ppl["rtn"] > base * 1.002
+    assert ppl["awq"] < ppl["rtn"] - 0.25 * (ppl["rtn"] - base)
     cfg = json.loads((tmp_path / "awq" / "config.json").read_text())["quantization_config"]
     group = next(iter(cfg["config_groups"].values()))
     assert cfg["format"] == "pack-quantized" and group["weights"]["num_bits"] == 3
