@@ -5,6 +5,10 @@ workspace, and for large M "dequantize once, then cuBLAS" competes with the fuse
 candidate is any hashable config the op's launcher understands, and the winner per shape key is
 cached for the process. In the interpreter (or with SQUEEZE_KERNELS_NO_TUNE=1) the first candidate
 is used, which keeps CPU tests fast and deterministic.
+
+An op may pass ``check(candidate) -> bool`` (its output against the reference, on a NaN-poisoned
+output): a candidate that fails it (or raises) is never picked. If none passes, the first candidate is
+kept (it is the op's most general one).
 """
 
 from __future__ import annotations
@@ -16,18 +20,38 @@ from typing import TypeVar
 C = TypeVar("C", bound=Hashable)
 
 _BEST: dict[Hashable, Hashable] = {}
+_TIMES: dict[Hashable, list[tuple[Hashable, float, bool]]] = {}
 
 
-def pick(key: Hashable, candidates: Sequence[C], launch: Callable[[C], object], on_cuda: bool) -> C:
-    """Return the candidate with the least GPU time for ``key`` (see :func:`_time`), memoized."""
+def pick(
+    key: Hashable,
+    candidates: Sequence[C],
+    launch: Callable[[C], object],
+    on_cuda: bool,
+    check: Callable[[C], bool] | None = None,
+) -> C:
+    """Return the candidate with the least GPU time for ``key`` (see :func:`_time`) among those that
+    pass ``check``, memoized."""
     if len(candidates) == 1 or not on_cuda or os.environ.get("SQUEEZE_KERNELS_NO_TUNE") == "1":
         return candidates[0]
     if key in _BEST:
         return _BEST[key]  # type: ignore[return-value]
-    times = [_time(lambda c=cfg: launch(c)) for cfg in candidates]
-    best = candidates[min(range(len(candidates)), key=times.__getitem__)]
+    ok = [_passes(check, cfg) for cfg in candidates]
+    times = [_time(lambda c=cfg: launch(c)) if good else float("inf") for cfg, good in zip(candidates, ok, strict=True)]
+    _TIMES[key] = list(zip(candidates, times, ok, strict=True))
+    best_i = min(range(len(candidates)), key=times.__getitem__)
+    best = candidates[0] if times[best_i] == float("inf") else candidates[best_i]
     _BEST[key] = best
     return best
+
+
+def _passes(check: Callable[[C], bool] | None, cfg: C) -> bool:
+    if check is None:
+        return True
+    try:
+        return bool(check(cfg))
+    except Exception:  # a config that cannot run (e.g. too much shared memory) is not a candidate
+        return False
 
 
 def _time(fn: Callable[[], object]) -> float:
@@ -54,3 +78,8 @@ def _time(fn: Callable[[], object]) -> float:
 def chosen() -> dict[Hashable, Hashable]:
     """The configs picked so far (the benchmark prints them)."""
     return dict(_BEST)
+
+
+def timings() -> dict[Hashable, list[tuple[Hashable, float, bool]]]:
+    """Every tuned key's (candidate, ms, passed check) list, in candidate order."""
+    return dict(_TIMES)

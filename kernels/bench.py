@@ -1,6 +1,6 @@
 """Benchmark the kernels against cuBLAS bf16 and a per-expert torch loop (needs a CUDA GPU).
 
-    python -m squeeze.kernels.bench [--section linear|moe|all] [--out FILE.md]
+    python -m squeeze.kernels.bench [--section linear|moe|all|w4large] [--out FILE.md]
 
 It first checks every kernel against the torch reference on the GPU (and stops if one is off),
 then times. Linear layers: median of CUDA-graph replays (GPU time without Python launch cost,
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import triton
 import triton.testing
 
-from . import _tuning
+from . import _overlap, _tuning, w4a16
 from .fp8_block import linear_fp8_block
 from .moe import moe_experts
 from .reference import linear_fp8_block_ref, linear_w8a8_ref, linear_wq_ref, moe_experts_ref
@@ -252,12 +252,15 @@ def moe_table(bw: float) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--section", choices=["linear", "moe", "all"], default="all")
+    ap.add_argument("--section", choices=["linear", "moe", "all", "w4large"], default="all")
     ap.add_argument("--out", help="also write the tables as markdown here")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench.py needs a CUDA GPU")
     start = time.time()
+    if args.section == "w4large":
+        w4_large(args.out)
+        return
     bw, rate = device_ceilings()
     head = [
         f"# squeeze.kernels benchmark on {torch.cuda.get_device_name()}",
@@ -288,6 +291,248 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as fh:
             fh.write(text)
+
+
+W4_LARGE_MS = [1024, 4096]
+
+
+def _ms(fn: Callable[[], object]) -> float:
+    """Tuner-style GPU time (µs) of one call on one weight (CUDA-graph replays)."""
+    return _tuning._time(fn) * 1e3
+
+
+def _check_w4_large(lines: list[str], extra: list | None = None) -> None:
+    """GPU correctness of the overlapped path: eager on poisoned outputs, then CUDA-graph replays with
+    fresh inputs each time (a missing event would show up as a wrong or moving result)."""
+    extra = extra or [
+        w4a16.WqConfig(dequant_cublas=True, chunks=4, prio=1),
+        w4a16.WqConfig(dequant_cublas=True, chunks=3, contig_out=True),
+        w4a16.WqConfig(dequant_cublas=True, chunks=5, carveout=16, lt=False, prio=2),
+    ]
+    for n, k, m in [(2048, 7168, 1024), (7168, 2048, 300), (24576, 1536, 1024)]:
+        x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+        p, s = int4_weight(n, k)
+        z = torch.randint(-2, 3, s.shape, dtype=torch.int8, device="cuda")
+        for zp in (None, z):
+            ref = linear_wq_ref(x, p, s, zp, 128)
+            for cfg in w4a16.OVERLAP + extra:
+                out = torch.full((m, n), float("nan"), dtype=x.dtype, device="cuda")
+                try:
+                    err = rel(w4a16.launch_wq(x, p, s, zp, 128, cfg, out=out), ref)
+                except Exception as e:  # noqa: BLE001 - report, the tuner's own check excludes it
+                    err, cfg = float("inf"), f"{_short(cfg)} raised {type(e).__name__}: {str(e)[:160]}"
+                line = f"check eager N={n} K={k} M={m} zp={zp is not None} {_short(cfg)}: {err:.1e}"
+                lines.append(line + ("" if err < 1e-2 else "  FAILED"))
+    n, k, m = 18432, 7168, 1024
+    p, s = int4_weight(n, k)
+    w = w4a16.dequantize_to(p, s, None, 128, torch.bfloat16)
+    xs = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+    for cfg in [w4a16.OVERLAP[0], w4a16.OVERLAP[-1], extra[0]]:
+        run = lambda c=cfg: w4a16.launch_wq(xs, p, s, None, 128, c)  # noqa: E731
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            run()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            y = run()
+        errs = []
+        for _ in range(3):
+            xs.copy_(torch.randn(m, k, dtype=torch.bfloat16, device="cuda"))
+            y.fill_(float("nan"))
+            g.replay()
+            errs.append(rel(y, F.linear(xs, w)))
+        line = f"check graph N={n} K={k} M={m} {_short(cfg)}: vs dequant+cuBLAS " + " ".join(f"{e:.1e}" for e in errs)
+        lines.append(line + ("" if max(errs) < 1e-2 else "  FAILED"))
+        del g, y
+
+
+def _short(cfg: object) -> str:
+    if not isinstance(cfg, w4a16.WqConfig):
+        return str(cfg)
+    if cfg.chunks:
+        return (f"ovl c{cfg.chunks} f{cfg.first_div} co{cfg.carveout}{'lt' if cfg.lt else ''} p{cfg.prio}"
+                + (" contig" if cfg.contig_out else "")
+                + (f" dq{cfg.dq_block_n}w{cfg.dq_warps}" if (cfg.dq_block_n, cfg.dq_warps) != (64, 4) else ""))
+    if cfg.dequant_cublas:
+        return "old dequant+cuBLAS"
+    return f"fused {cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}"
+
+
+def _diag(lines: list[str], out_dir: str | None) -> None:
+    """One chunk of (18432, 7168) at M = 1024 alone: is the carve-out honoured, what does a chunk cost;
+    plus a kernel timeline of one graph replay of two overlapped configs."""
+    x = torch.randn(1024, 7168, dtype=torch.bfloat16, device="cuda")
+    wc = torch.randn(4608, 7168, dtype=torch.bfloat16, device="cuda")
+    for co, lt in [(0, False), (0, True), (16, False), (16, True), (32, True)]:
+        def mm(co=co, lt=lt):
+            with _overlap._blas(co, lt):
+                return torch.mm(x, wc.t())
+        lines.append(f"diag GEMM 1024x4608x7168 carveout={co} lt={lt}: {_ms(mm):.1f} us")
+    p, s = int4_weight(4608, 7168)
+    buf = torch.empty(4608, 7168, dtype=torch.bfloat16, device="cuda")
+    t = _ms(lambda: w4a16.dequantize_to(p, s, None, 128, torch.bfloat16, out=buf))
+    lines.append(f"diag dequant 4608x7168 chunk: {t:.1f} us ({(4608 * 7168 * 2.5) / t / 1e6:.2f} TB/s)")
+    print("\n".join(lines[-6:]), flush=True)
+    import json
+    import os
+
+    from torch.profiler import ProfilerActivity, profile
+
+    p, s = int4_weight(18432, 7168)
+    for cfg in [w4a16.WqConfig(dequant_cublas=True, chunks=4),
+                w4a16.WqConfig(dequant_cublas=True, chunks=4, first_div=2, carveout=16, lt=True, prio=2)]:
+        run = lambda c=cfg: w4a16.launch_wq(x, p, s, None, 128, c)  # noqa: E731
+        run()
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            run()
+        g.replay()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            g.replay()
+            torch.cuda.synchronize()
+        path = os.path.join(out_dir or ".", f"trace_{cfg.chunks}_{cfg.carveout}_{cfg.prio}.json")
+        prof.export_chrome_trace(path)
+        with open(path) as fh:
+            evs = [e for e in json.load(fh)["traceEvents"] if e.get("cat") == "kernel"]
+        evs.sort(key=lambda e: e["ts"])
+        t0 = evs[0]["ts"] if evs else 0
+        lines.append(f"timeline (18432,7168) M=1024 {_short(cfg)}: stream start+dur us grid name")
+        for e in evs[:24]:
+            a = e.get("args", {})
+            lines.append(f"  s{a.get('stream')} {e['ts'] - t0:7.1f} +{e['dur']:6.1f} {a.get('grid')} {e['name'][:60]}")
+        print("\n".join(lines[-min(len(evs), 24) - 1:]), flush=True)
+        del g
+
+
+def _sweep(n: int, k: int, m: int, lines: list[str], deadline: float, best: w4a16.WqConfig | None = None,
+           stages: list | None = None) -> w4a16.WqConfig:
+    """Greedy coordinate descent over the overlapped path's knobs (tuner-style timing, one weight)."""
+    x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+    p, s = int4_weight(n, k)
+    seen: dict[w4a16.WqConfig, float] = {}
+
+    def t(cfg: w4a16.WqConfig) -> float:
+        if cfg not in seen:
+            seen[cfg] = _ms(lambda: w4a16.launch_wq(x, p, s, None, 128, cfg)) if time.time() < deadline else 1e9
+        return seen[cfg]
+
+    from dataclasses import replace
+
+    best = best or w4a16.WqConfig(dequant_cublas=True, chunks=4)
+    stages = stages or [
+        [dict(chunks=c) for c in (2, 3, 4, 6, 8)],
+        [dict(carveout=c, lt=c > 0) for c in (0, 8, 16, 24, 32)] + [dict(carveout=16, lt=False)],
+        [dict(prio=q) for q in (0, 1, 2)],
+        [dict(first_div=f) for f in (1, 2, 3)],
+        [dict(contig_out=b) for b in (False, True)],
+        [dict(chunks=c) for c in (2, 3, 4, 6, 8, 12)],
+    ]
+    for stage in stages:
+        for kw in stage:
+            cand = replace(best, **kw)
+            if t(cand) < t(best):
+                best = cand
+    t_old = _ms(lambda: w4a16.launch_wq(x, p, s, None, 128, w4a16.WqConfig(dequant_cublas=True)))
+    lines.append(f"sweep N={n} K={k} M={m}: old {t_old:.1f} us; best {_short(best)} {seen[best]:.1f} us; tried "
+                 + ", ".join(f"[{_short(c)}] {v:.0f}" for c, v in seen.items() if v < 1e8))
+    print(lines[-1], flush=True)
+    return best
+
+
+def w4_large(out: str | None) -> None:
+    """W4A16 at large M: the overlapped chunked dequant + cuBLAS against the old path and cuBLAS bf16."""
+    import os
+
+    start = time.time()
+    out_dir = os.path.dirname(out) if out else None
+    lines = [f"# W4A16 large M on {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+             f"triton {triton.__version__}"]
+    print(lines[0], flush=True)
+    phase2 = os.environ.get("W4_PHASE") == "2"  # second run: dequant tiles and carve-out around run 1's winners
+    dq = [dict(dq_block_n=b, dq_warps=w) for b, w in ((64, 4), (128, 4), (128, 8), (32, 4), (64, 8))]
+    _check_w4_large(lines, [w4a16.WqConfig(dequant_cublas=True, chunks=3, **kw) for kw in dq[1:]] if phase2 else None)
+    print("\n".join(lines[1:]), flush=True)
+    lines.append(f"(checks done at {time.time() - start:.0f} s)")
+    if not phase2:
+        try:
+            _diag(lines, out_dir)
+        except Exception as e:  # noqa: BLE001 - diagnostics only
+            lines.append(f"diag failed: {type(e).__name__}: {str(e)[:200]}")
+        lines.append(f"(diag done at {time.time() - start:.0f} s)")
+    winners: list[w4a16.WqConfig] = list(w4a16.OVERLAP) if phase2 else []
+    deadline = start + float(os.environ.get("W4_SWEEP_UNTIL", "200"))
+    ovl = lambda c, f, co, p: w4a16.WqConfig(dequant_cublas=True, chunks=c, first_div=f, carveout=co, prio=p)  # noqa: E731
+    todo = {(18432, 7168, 1024): ovl(8, 1, 16, 2), (18432, 7168, 4096): ovl(8, 1, 0, 0),
+            (24576, 1536, 1024): ovl(3, 1, 16, 0), (24576, 1536, 4096): ovl(2, 2, 0, 0)}
+    stages2 = [dq, [dict(carveout=c) for c in (0, 16, 20, 24)], [dict(prio=q) for q in (0, 2)],
+               [dict(chunks=c) for c in (2, 3, 4, 6, 8, 12)]]
+    for n, k in SHAPES:
+        for m in W4_LARGE_MS:
+            if phase2 and (n, k, m) not in todo:
+                continue
+            try:
+                b = (_sweep(n, k, m, lines, deadline, todo[(n, k, m)], stages2) if phase2
+                     else _sweep(n, k, m, lines, deadline))
+            except Exception as e:  # noqa: BLE001 - one shape must not end the run
+                lines.append(f"sweep N={n} K={k} M={m} failed: {type(e).__name__}: {str(e)[:200]}")
+                continue
+            if b not in winners:
+                winners.append(b)
+            torch.cuda.empty_cache()
+    lines.append(f"(sweep done at {time.time() - start:.0f} s)")
+    if os.environ.get("W4_USE_WINNERS", "1") == "1":
+        w4a16.OVERLAP[:] = winners
+    lines.append("OVERLAP candidates given to the tuner: " + "; ".join(repr(c) for c in w4a16.OVERLAP))
+    _tuning._BEST.clear()
+    rows = ["| N | K | M | cuBLAS bf16 µs | old dequant+cuBLAS µs | x cuBLAS time | tuned µs | x cuBLAS time "
+            "| tuner pick | best overlapped µs (forced) | x cuBLAS time |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for n, k in SHAPES:
+        wb = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") for _ in range(copies(2 * n * k))]
+        w4 = [int4_weight(n, k) for _ in range(copies(n * k // 2))]
+        for m in W4_LARGE_MS:
+            try:
+                rows.append(_final_row(n, k, m, wb, w4, lines))
+            except Exception as e:  # noqa: BLE001
+                lines.append(f"final N={n} K={k} M={m} failed: {type(e).__name__}: {str(e)[:200]}")
+            print(lines[-1], flush=True)
+            print(rows[-1], flush=True)
+        del wb, w4
+        torch.cuda.empty_cache()
+    lines += ["", *rows, "", f"(run took {time.time() - start:.0f} s)"]
+    text = "\n".join(lines) + "\n"
+    print("\n" + "\n".join(rows), flush=True)
+    fails = [ln for ln in lines if "FAILED" in ln]
+    print(f"{len(fails)} lines with FAILED" + "".join("\n  " + ln[:300] for ln in fails), flush=True)
+    if out:
+        with open(out, "w") as fh:
+            fh.write(text)
+
+
+def _final_row(n: int, k: int, m: int, wb: list, w4: list, lines: list[str]) -> str:
+    """One table row: cuBLAS bf16, the old path, the tuned op and the best overlapped config, same run."""
+    x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+    t_ref = bench_graph([lambda w=w: F.linear(x, w) for w in wb])  # noqa: B023
+    old = w4a16.WqConfig(dequant_cublas=True)
+    t_old = bench_graph([lambda p=p, s=s: w4a16.launch_wq(x, p, s, None, 128, old) for p, s in w4])  # noqa: B023
+    err = rel(linear_wq(x, *w4[0], None, 128)[:64], linear_wq_ref(x[:64], *w4[0], None, 128))
+    key = next(kk for kk in _tuning.chosen() if kk[3] == m and kk[4] == n and kk[5] == k)
+    pick = _tuning.chosen()[key]
+    t_auto = bench_graph([lambda p=p, s=s: linear_wq(x, p, s, None, 128) for p, s in w4])  # noqa: B023
+    ovl = [(v, c) for c, v, ok in _tuning.timings()[key] if ok and getattr(c, "chunks", 0)]
+    best = min(ovl, key=lambda vc: vc[0])[1] if ovl else None
+    t_best = (bench_graph([lambda p=p, s=s, c=best: w4a16.launch_wq(x, p, s, None, 128, c) for p, s in w4])  # noqa: B023
+              if best is not None else float("nan"))
+    lines.append(f"tuner N={n} K={k} M={m} (err {err:.1e}): " + ", ".join(
+        f"[{_short(c)}] {v * 1e3:.0f}{'' if ok else ' FAILED CHECK'}" for c, v, ok in _tuning.timings()[key]))
+    print(lines[-1], flush=True)
+    return (f"| {n} | {k} | {m} | {t_ref:.1f} | {t_old:.1f} | {t_old / t_ref:.2f} | {t_auto:.1f} | "
+            f"{t_auto / t_ref:.2f} | {_short(pick)} | {t_best:.1f} | {t_best / t_ref:.2f} |")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ Design:
   is why a K-block never straddles a group (BLOCK_K divides the group size).
 * Split-K for small M x small N so that every SM streams weights; partials go to an fp32
   workspace that torch sums. For large M, the tuner may instead pick "dequantize the whole weight
-  once to bf16, then cuBLAS" (:func:`dequantize_to`), whichever is faster on the device.
+  once to bf16, then cuBLAS" (:func:`dequantize_to`), or the same in N chunks with each chunk's
+  dequant on a side stream overlapping cuBLAS on the previous chunk (``_overlap.py``), whichever
+  is faster on the device.
 
 Measured on an H100 (BENCH_H100.md): decode of (18432, 7168) at M = 1 runs at ~45 us through the
 nibble-phase CUDA-core GEMV (gemv.py; 1.5 TB/s of int4 weights, 2x the 23 us bandwidth floor); at
@@ -33,7 +35,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from . import _splitk, _tuning
+from . import _overlap, _splitk, _tuning
 from ._dispatch import Backend, num_sms, use_triton
 from ._tl import cast_out, int4_dot_permuted, int4_words_to_magic, mma
 from .gemv import w4_gemv_phase_kernel, x_phase_kernel
@@ -141,30 +143,38 @@ def _wq_gemm_kernel(
 def _dequant_kernel(
     w_ptr, s_ptr, z_ptr, out_ptr, N, K, group_size, stride_wn, stride_sn, stride_zn, stride_on,
     WBITS: tl.constexpr, HAS_ZP: tl.constexpr, MAGIC_BITS: tl.constexpr, MAGIC_VAL: tl.constexpr,
-    INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FMA: tl.constexpr = False,
 ):
     """W (packed int4 or int8) -> dense [N, K] (bf16/fp16), used before cuBLAS for large M.
 
     Same unpacking as the GEMM (each packed word read once, 16-byte loads); BLOCK_K divides the
-    group size, so one scale (and zero point) per row per program.
+    group size, so one scale (and zero point) per row per program. FMA (16-bit outputs): one
+    ``fma(t, s, -offset * s)`` per value instead of a subtract and a multiply; exact for 16-bit scales
+    (every product fits fp32's mantissa), so the output is unchanged.
     """
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
     offs_k = k0 + tl.arange(0, BLOCK_K)
     rn = tl.minimum(offs_n, N - 1)
     dtype = out_ptr.dtype.element_ty
+    g = k0 // group_size
+    s = tl.load(s_ptr + rn * stride_sn + g).to(tl.float32)
     if WBITS == 4:
         kw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
         p = tl.load(w_ptr + rn[:, None] * stride_wn + kw[None, :], mask=kw[None, :] < K // 8, other=0)
-        q = int4_words_to_magic(p, BLOCK_N, BLOCK_K, MAGIC_BITS, tl.bfloat16, 1).to(tl.float32) - (MAGIC_VAL + 8.0)
+        t = int4_words_to_magic(p, BLOCK_N, BLOCK_K, MAGIC_BITS, tl.bfloat16, 1).to(tl.float32)
+        off = tl.full((BLOCK_N,), MAGIC_VAL + 8.0, tl.float32)
     else:
-        q = tl.load(w_ptr + rn[:, None] * stride_wn + offs_k[None, :], mask=offs_k[None, :] < K, other=0)
-        q = q.to(tl.float32)
-    g = k0 // group_size
-    s = tl.load(s_ptr + rn * stride_sn + g).to(tl.float32)
+        t = tl.load(w_ptr + rn[:, None] * stride_wn + offs_k[None, :], mask=offs_k[None, :] < K, other=0)
+        t = t.to(tl.float32)
+        off = tl.zeros((BLOCK_N,), tl.float32)
     if HAS_ZP:
-        q = q - tl.load(z_ptr + rn * stride_zn + g).to(tl.float32)[:, None]
-    out = cast_out(q * s[:, None], dtype, INTERPRET)
+        off = off + tl.load(z_ptr + rn * stride_zn + g).to(tl.float32)
+    if FMA:
+        w = tl.fma(t, s[:, None], (-(off * s))[:, None])
+    else:
+        w = (t - off[:, None]) * s[:, None]
+    out = cast_out(w, dtype, INTERPRET)
     mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
     tl.store(out_ptr + offs_n[:, None] * stride_on + offs_k[None, :], out, mask)
 
@@ -184,6 +194,16 @@ class WqConfig:
     gemv: bool = False  # M = 1 only: CUDA-core nibble-phase GEMV (gemv.py), block_n rows per program
     ng: int = 8  # with gemv: sub-blocks (<= 128 values, inside one scale group) per double-buffered step
     prefetch: bool = False  # MMA kernel: load the next K block's int4 words while this one computes
+    # chunks > 0: dequantize N in that many chunks on a side stream, overlapped with cuBLAS on the
+    # previous chunk (_overlap.py; the other fields below only apply then)
+    chunks: int = 0
+    first_div: int = 1  # the first (exposed) chunk is 1 / first_div the size of the others
+    carveout: int = 0  # SMs cuBLAS leaves free for the dequant (torch's experimental SM carve-out)
+    lt: bool = False  # route those GEMMs through cuBLASLt (which honours the carve-out)
+    prio: int = 0  # 0 default priorities, 1 dequant stream high priority, 2 GEMM stream high priority
+    contig_out: bool = False  # GEMM into a contiguous temporary + copy, instead of out[:, n0:n1]
+    dq_block_n: int = 64  # dequant kernel rows per program (chunked path)
+    dq_warps: int = 4  # dequant kernel warps per program (chunked path)
 
 
 def _candidates(m: int, interpret: bool) -> list[WqConfig]:
@@ -204,7 +224,17 @@ def _candidates(m: int, interpret: bool) -> list[WqConfig]:
         WqConfig(128, 256, 64, 8, 3),
         WqConfig(256, 128, 64, 8, 3),
         WqConfig(dequant_cublas=True),
+        *OVERLAP,
     ]
+
+
+# Overlapped "chunked dequant + cuBLAS" configs (_overlap.py) the tuner tries at M > 256: each won
+# (or, c8/co16/p2, came within noise of winning) on a DeepSeek shape in the H100 run recorded in
+# BENCH_H100.md (bench.py --section w4large, run 2), where the tuner also had five more that lost everywhere.
+OVERLAP: list[WqConfig] = [
+    WqConfig(dequant_cublas=True, chunks=c, first_div=1, carveout=co, prio=p, dq_block_n=bn)
+    for c, co, p, bn in ((8, 24, 2, 32), (8, 16, 2, 64), (3, 16, 0, 64), (3, 16, 0, 32), (2, 0, 0, 64))
+]
 
 
 def dequantize_to(
@@ -213,19 +243,29 @@ def dequantize_to(
     zero_point: torch.Tensor | None,
     group_size: int,
     dtype: torch.dtype,
+    out: torch.Tensor | None = None,
+    block_n: int = 64,
+    num_warps: int = 4,
 ) -> torch.Tensor:
-    """Dense [N, K] weight in ``dtype`` (bf16/fp16/fp32) from packed int4 / int8 (one Triton pass)."""
+    """Dense [N, K] weight in ``dtype`` (bf16/fp16/fp32) from packed int4 / int8 (one Triton pass).
+
+    ``out``: an [N, K] tensor with unit column stride to write into (``dtype`` is then its dtype).
+    """
     n = weight.shape[0]
     k = weight.shape[1] * (8 if weight.dtype == torch.int32 else 1)
     g = resolve_group(group_size, k)
     block_k = min(128, g) if group_size != -1 else 128
-    out = torch.empty(n, k, dtype=dtype, device=weight.device)
+    if out is None:
+        out = torch.empty(n, k, dtype=dtype, device=weight.device)
+    elif out.shape != (n, k) or out.stride(1) != 1:
+        raise ValueError(f"out must be [{n}, {k}] with unit column stride, got {tuple(out.shape)}")
     zp = zero_point if zero_point is not None else scale
     magic_bits, magic_val = MAGIC[torch.bfloat16]  # exact either way; values leave as fp32
-    _dequant_kernel[(triton.cdiv(n, 64), triton.cdiv(k, block_k))](
+    _dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
         weight, scale, zp, out, n, k, g, weight.stride(0), scale.stride(0), zp.stride(0), out.stride(0),
         WBITS=4 if weight.dtype == torch.int32 else 8, HAS_ZP=zero_point is not None,
-        MAGIC_BITS=magic_bits, MAGIC_VAL=magic_val, INTERPRET=not weight.is_cuda, BLOCK_N=64, BLOCK_K=block_k,
+        MAGIC_BITS=magic_bits, MAGIC_VAL=magic_val, INTERPRET=not weight.is_cuda, BLOCK_N=block_n, BLOCK_K=block_k,
+        FMA=out.dtype != torch.float32, num_warps=num_warps,
     )
     return out
 
@@ -243,6 +283,13 @@ def launch_wq(
     m, k = x.shape
     n = weight.shape[0]
     g = resolve_group(group_size, k)
+    if cfg.chunks:
+        deq = lambda w, s, z, buf: dequantize_to(  # noqa: E731
+            w, s, z, group_size, buf.dtype, out=buf, block_n=cfg.dq_block_n, num_warps=cfg.dq_warps)
+        return _overlap.linear_chunked(
+            x, weight, scale, zero_point, deq, out, chunks=cfg.chunks, first_div=cfg.first_div,
+            carveout=cfg.carveout, lt=cfg.lt, prio=cfg.prio, contig_out=cfg.contig_out,
+        )
     if cfg.dequant_cublas:
         y = F.linear(x, dequantize_to(weight, scale, zero_point, group_size, x.dtype))
         return y if out is None else out.copy_(y)
@@ -338,5 +385,43 @@ def linear_wq(
     bucket = 1 << max(0, (m - 1).bit_length())
     key = ("wq", weight.dtype, x.dtype, bucket, n, k, group_size, zero_point is not None)
     run = lambda c: launch_wq(x2, weight, scale, zero_point, group_size, c)  # noqa: E731
-    cfg = _tuning.pick(key, cands, run, x.is_cuda)
+    # built lazily: nothing may touch the host inside a CUDA-graph capture (a cached key never calls it)
+    check = _checker(x2, weight, scale, zero_point, group_size) if x.is_cuda else None
+    cfg = _tuning.pick(key, cands, run, x.is_cuda, check)
     return launch_wq(x2, weight, scale, zero_point, group_size, cfg).reshape(*x.shape[:-1], n)
+
+
+# ||out - ref|| / ||ref|| a tuning candidate must meet (bf16 / fp16 output rounding, with margin).
+_CHECK_TOL = {torch.bfloat16: 1e-2, torch.float16: 5e-3}
+
+
+def _checker(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+             group_size: int):
+    """For the tuner: run a candidate into a NaN-poisoned output; it passes if every element was
+    written and its first and last (up to) 16 rows match the torch reference (fp32, computed once,
+    in N chunks so the fp32 weight never exists whole)."""
+    m = x.shape[0]
+    n = weight.shape[0]
+    ref: list[torch.Tensor] = []
+
+    def check(cfg: WqConfig) -> bool:
+        rows = torch.cat([torch.arange(min(m, 16)), torch.arange(max(16, m - 16), m)]).to(x.device)
+        if not ref:
+            xs = x[rows]
+            step = max(1, (1 << 26) // max(1, x.shape[1]))
+            ref.append(torch.cat([
+                linear_wq_ref(xs, weight[a:a + step], scale[a:a + step],
+                              None if zero_point is None else zero_point[a:a + step], group_size).float()
+                for a in range(0, n, step)
+            ], dim=1))
+        want = ref[0]
+        if not bool(torch.isfinite(want).all()):
+            return True  # inf / NaN input: nothing to judge by
+        out = torch.full((m, n), float("nan"), dtype=x.dtype, device=x.device)
+        launch_wq(x, weight, scale, zero_point, group_size, cfg, out=out)
+        if bool(torch.isnan(out).any()):
+            return False
+        err = ((out[rows].float() - want).norm() / want.norm().clamp_min(1e-30)).item()
+        return err < _CHECK_TOL.get(x.dtype, 1e-2)
+
+    return check

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from squeeze.kernels import dequantize_weight, linear_w4a16, linear_w8a16, pack_int4
+from squeeze.kernels import _tuning, dequantize_weight, linear_w4a16, linear_w8a16, pack_int4
+from squeeze.kernels._overlap import chunk_bounds
 from squeeze.kernels.reference import linear_wq_ref
 from squeeze.kernels.w4a16 import WqConfig, dequantize_to, launch_wq
 from tests.conftest_kernels import DEVICE, TOL, poisoned, rand_scale, randint, randn, rel_err
@@ -56,9 +57,13 @@ def test_linear_matches_reference(case) -> None:
         WqConfig(1, 32, 128, 4, 1, split_k=3, gemv=True, ng=1),
         WqConfig(1, 16, 128, 4, 1, split_k=2, gemv=True, ng=2),
         WqConfig(16, 32, 32, 4, 1, split_k=2, prefetch=True),
+        WqConfig(dequant_cublas=True, chunks=3),
+        WqConfig(dequant_cublas=True, chunks=4, first_div=2, contig_out=True),
+        WqConfig(dequant_cublas=True, chunks=2, carveout=8, prio=2, dq_block_n=32, dq_warps=2),
     ],
     ids=["splitk3", "bm32_bn64", "join_unpack", "permuted_k_splitk2", "dequant_then_matmul", "gemv_splitk3",
-         "gemv_splitk2", "prefetch_splitk2"],
+         "gemv_splitk2", "prefetch_splitk2", "overlap3", "overlap4_first_half_contig",
+         "overlap2_dq32"],
 )
 @pytest.mark.parametrize("m,group,k", [(1, 128, 512), (37, 64, 512), (3, -1, 200)])
 def test_every_strategy_writes_every_element(cfg: WqConfig, m: int, group: int, k: int) -> None:
@@ -109,3 +114,46 @@ def test_auto_backend_uses_reference_on_cpu() -> None:
     out = linear_w4a16(x.cpu(), w.cpu(), scale.cpu(), None, 32)
     assert torch.equal(out, linear_wq_ref(x.cpu(), w.cpu(), scale.cpu(), None, 32))
     assert DEVICE.type in ("cpu", "cuda")
+
+
+@pytest.mark.parametrize(
+    "n,chunks,first_div,align,want",
+    [
+        (80, 3, 1, 16, [(0, 32), (32, 48), (48, 80)]),
+        (80, 4, 2, 16, [(0, 16), (16, 32), (32, 64), (64, 80)]),
+        (18432, 4, 1, 128, [(0, 4608), (4608, 9216), (9216, 13824), (13824, 18432)]),
+        (2048, 8, 2, 128, None),
+        (100, 4, 1, 128, [(0, 100)]),  # too small to cut at the alignment: one chunk
+        (300, 6, 1, 128, [(0, 128), (128, 256), (256, 300)]),
+    ],
+)
+def test_chunk_bounds(n: int, chunks: int, first_div: int, align: int, want) -> None:
+    got = chunk_bounds(n, chunks, first_div, align)
+    if want is not None:
+        assert got == want
+    assert got[0][0] == 0 and got[-1][1] == n and len(got) <= chunks
+    assert all(a < b and b == c for (a, b), (c, _) in zip(got, got[1:] + [(n, n)], strict=True))
+    assert all(b % align == 0 for _, b in got[:-1])
+    if first_div > 1 and len(got) > 2:
+        assert got[0][1] - got[0][0] <= got[1][1] - got[1][0]
+
+
+@pytest.mark.parametrize("chunks,first_div,bits", [(2, 1, 4), (5, 2, 4), (3, 1, 8)])
+def test_overlapped_path_zero_point_fp16(chunks: int, first_div: int, bits: int) -> None:
+    """Chunked dequant + matmul (streams only on CUDA) with zero points, fp16, M and N off the blocks."""
+    x, w, scale, zero = make(19, 272, 256, 64, True, torch.float16, bits, seed=11)
+    cfg = WqConfig(dequant_cublas=True, chunks=chunks, first_div=first_div)
+    out = launch_wq(x, w, scale, zero, 64, cfg, out=poisoned(19, 272, dtype=torch.float16))
+    ref = linear_wq_ref(x.cpu(), w.cpu(), scale.cpu(), zero.cpu(), 64)
+    assert rel_err(out, ref) < TOL[torch.float16]
+
+
+def test_tuner_skips_candidates_that_fail_the_check(monkeypatch) -> None:
+    """The fastest candidate is not picked when its output is wrong; none passing keeps the first."""
+    monkeypatch.setattr(_tuning, "_time", lambda fn: fn())
+    times = {"a": 3.0, "b": 1.0, "c": 2.0}
+    pick = lambda key, check: _tuning.pick(key, list(times), times.__getitem__, True, check)  # noqa: E731
+    assert pick(("test-tuner", 1), lambda c: c != "b") == "c"
+    assert pick(("test-tuner", 2), None) == "b"
+    assert pick(("test-tuner", 3), lambda c: False) == "a"
+    assert _tuning.timings()[("test-tuner", 1)][1] == ("b", float("inf"), False)
