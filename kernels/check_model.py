@@ -1,6 +1,6 @@
 """GPU model parity: a quantized toy model's logits on CUDA (Triton kernels) vs its CPU fake-quant logits.
 
-    python -m squeeze.kernels.check_model [--tol 2e-2] [--tokens 2x32]
+    python -m squeeze.kernels.check_model [--tol 2e-2] [--batch 2 --seq 32] [--checkpoint TRAINED_TOY]
 
 Why this exists: the kernel tests compare each op with its reference in isolation; this checks the
 whole chain a user runs. For each scheme (W4A16 g128 by RTN, DeepSeek block-FP8, W8A8-INT8 by RTN) it
@@ -19,11 +19,16 @@ more than a GEMM's summation order), and counts the Triton dispatches (``use_tri
 inside each kernel module) and any fallback to the dense path, so a run that silently skipped the kernels
 cannot pass. Exit status 1 if a scheme misses both the tolerance and the bf16 control's error (x1.25), or
 dispatched nothing.
+
+``--checkpoint`` runs the same check on a given bf16 checkpoint instead (e.g. the trained default toy,
+``squeeze toy DIR --train-steps 500``): a trained router has real margins, so bf16 rounding rarely flips
+an expert, and the inputs are held-out text instead of random ids.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from collections import Counter
@@ -166,6 +171,7 @@ def main() -> None:
     ap.add_argument("--tol", type=float, default=2e-2, help="max relative logits error (bf16 end to end)")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=32)
+    ap.add_argument("--checkpoint", type=Path, default=None, help="a bf16 checkpoint to use instead of a random toy")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("check_model needs a CUDA GPU")
@@ -174,14 +180,24 @@ def main() -> None:
 
     spec = toy_spec()
     ids = torch.randint(0, spec.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(2))
+    if args.checkpoint is not None:
+        from squeeze.data import load_text, token_windows
+        from squeeze.model.tokenizer import load_tokenizer
+
+        text_ids = load_tokenizer(args.checkpoint).encode(load_text("corpus:heldout")).ids
+        ids = token_windows(text_ids, args.seq, args.batch)
     kernel_rt = kernel_runtime_class()
     rows, ok = [], True
     with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "toy"
-        write_random_toy(src, spec, seed=0)
+        src = args.checkpoint
+        if src is None:
+            src = Path(tmp) / "toy"
+            write_random_toy(src, spec, seed=0)
+        # RTN and FP8-block ignore calibration values; random ids only have to be valid tokens
+        vocab = spec.vocab if args.checkpoint is None else json.loads((src / "config.json").read_text())["vocab_size"]
         for name, flags in SCHEMES.items():
             out = Path(tmp) / name.split()[0]
-            rec, _ = quantize_toy(src, out, flags, spec.vocab)
+            rec, _ = quantize_toy(src, out, flags, vocab)
             cpu = QuantizedRuntime(out, dtype=torch.float32, device="cpu").logits(ids)
             # Control: the same fake-quant runtime in bf16 on the GPU, no kernels (dense decoded weights).
             control = QuantizedRuntime(out, dtype=torch.bfloat16, device="cuda").logits(ids)
@@ -205,8 +221,10 @@ def main() -> None:
             rows.append(f"| {name} | {err:.2e} | {err_ctl:.2e} | {err_vs_ctl:.2e} | {model.replaced} | {calls} "
                         f"| {verdict} |")
             print(rows[-1], flush=True)
-    print(f"\n# Model parity on {torch.cuda.get_device_name()} (toy {spec.layers} layers, hidden {spec.hidden}, "
-          f"{spec.experts} experts; logits of {args.batch}x{args.seq} tokens; tolerance {args.tol:g})\n")
+    what = (f"checkpoint {args.checkpoint}" if args.checkpoint is not None
+            else f"random toy {spec.layers} layers, hidden {spec.hidden}, {spec.experts} experts")
+    print(f"\n# Model parity on {torch.cuda.get_device_name()} ({what}; logits of {args.batch}x{args.seq} tokens; "
+          f"tolerance {args.tol:g})\n")
     print("| scheme | GPU kernels vs CPU fp32 fake-quant | GPU bf16 fake-quant (no kernels) vs CPU fp32 "
           "| GPU kernels vs GPU bf16 fake-quant | Linears on kernels | dispatches | |")
     print("|---|---|---|---|---|---|---|")
