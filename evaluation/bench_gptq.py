@@ -64,7 +64,7 @@ import llmcompressor
 from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import GPTQModifier
 src, out, ids_file, dtype = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[5]
-ids = torch.load(ids_file)
+ids = torch.load(ids_file, weights_only=True)
 ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
 t = time.perf_counter()
 # oneshot linearizes the fused experts itself after loading (`load_quantizable_moe` would do it at load
