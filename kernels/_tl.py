@@ -106,3 +106,24 @@ def cast_out(y, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
             b = y.to(tl.int32, bitcast=True)
             y = ((b + 0x7FFF + ((b >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
     return y.to(DTYPE)
+
+
+@triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of program `pid` in grouped order: GROUP_M row-blocks share each weight panel while
+    it is hot in L2, instead of every row-block sweeping all of N before the next starts."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    gsize = min(num_m - first_m, GROUP_M)
+    return first_m + (pid % per_group) % gsize, (pid % per_group) // gsize
+
+
+@triton.jit
+def split_k_range(pid_k, K, SPLIT_K, BLOCK_K: tl.constexpr):
+    """The [start, end) K-blocks that split `pid_k` of SPLIT_K reduces (the last split may be short)."""
+    k_blocks = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(k_blocks, SPLIT_K)
+    kb_start = pid_k * per_split
+    return kb_start, min(kb_start + per_split, k_blocks)

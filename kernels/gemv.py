@@ -25,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._tl import cast_out, to_fp8e4
+from ._tl import cast_out, split_k_range, to_fp8e4
 
 
 @triton.jit
@@ -39,10 +39,7 @@ def fp8_gemv_kernel(
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rn = tl.minimum(offs_n, N - 1)
     offs_k = tl.arange(0, BLOCK_K)
-    k_blocks = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(k_blocks, SPLIT_K)
-    kb_start = pid_k * per_split
-    kb_end = min(kb_start + per_split, k_blocks)
+    kb_start, kb_end = split_k_range(pid_k, K, SPLIT_K, BLOCK_K)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for kb in range(kb_start, kb_end):
         k0 = kb * BLOCK_K

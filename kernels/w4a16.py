@@ -37,7 +37,7 @@ import triton.language as tl
 
 from . import _overlap, _splitk, _tuning
 from ._dispatch import Backend, num_sms, use_triton
-from ._tl import cast_out, int4_dot_permuted, int4_words_to_magic, mma
+from ._tl import cast_out, grouped_tile, int4_dot_permuted, int4_words_to_magic, mma, split_k_range
 from .gemv import w4_gemv_phase_kernel, x_phase_kernel
 from .reference import linear_wq_ref, resolve_group
 
@@ -57,14 +57,7 @@ def _wq_gemm_kernel(
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    # Grouped ordering: GROUP_M row-blocks share each weight panel while it is hot in L2.
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    gsize = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % gsize
-    pid_n = (pid % per_group) // gsize
+    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -73,17 +66,14 @@ def _wq_gemm_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     offs_kw = tl.arange(0, BLOCK_K // 8)
 
-    k_blocks = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(k_blocks, SPLIT_K)
-    kb_start = pid_k * per_split
-    kb_end = min(kb_start + per_split, k_blocks)
+    kb_start, kb_end = split_k_range(pid_k, K, SPLIT_K, BLOCK_K)
 
     x_rows = x_ptr + rm[None, :] * stride_xm
     x_ptrs = x_rows + offs_k[:, None]  # x tile, transposed: [BLOCK_K, BLOCK_M]
     dtype = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     if PREFETCH:
-        k_first = tl.minimum(kb_start, k_blocks - 1) * BLOCK_K
+        k_first = tl.minimum(kb_start, tl.cdiv(K, BLOCK_K) - 1) * BLOCK_K
         w_first = w_ptr + rn[:, None] * stride_wn + (k_first // 8 + offs_kw)[None, :]
         p_pre = tl.load(w_first, mask=(k_first // 8 + offs_kw)[None, :] < K // 8, other=0)
     for kb in range(kb_start, kb_end):

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from . import _splitk, _tuning
 from ._dispatch import Backend, num_sms, use_triton
-from ._tl import cast_out
+from ._tl import cast_out, grouped_tile, split_k_range
 from .reference import linear_w8a8_ref
 
 
@@ -60,23 +60,14 @@ def _w8a8_gemm_kernel(
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    gsize = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % gsize
-    pid_n = (pid % per_group) // gsize
+    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.minimum(offs_m, M - 1)
     rn = tl.minimum(offs_n, N - 1)
     offs_k = tl.arange(0, BLOCK_K)
-    k_blocks = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(k_blocks, SPLIT_K)
-    kb_start = pid_k * per_split
-    kb_end = min(kb_start + per_split, k_blocks)
+    kb_start, kb_end = split_k_range(pid_k, K, SPLIT_K, BLOCK_K)
 
     x_ptrs = xq_ptr + rm[None, :] * stride_xm + offs_k[:, None]  # [BLOCK_K, BLOCK_M]
     w_ptrs = w_ptr + rn[:, None] * stride_wn + offs_k[None, :]  # [BLOCK_N, BLOCK_K]
