@@ -32,6 +32,13 @@ print(json.dumps({"peak_rss_mib": int(hwm.split()[1]) / 1024}))
 """
 
 
+def depth_spec(layers: int, hidden: int, experts: int, moe_inter: int) -> ToySpec:
+    """The toy of a depth comparison: only `layers` varies between the two checkpoints compared."""
+    return ToySpec(layers=layers, dense_layers=1, hidden=hidden, heads=8, experts=experts, top_k=2, n_group=4,
+                   topk_group=2, moe_inter=moe_inter, inter=4 * moe_inter, vocab=4096, q_lora_rank=hidden // 2,
+                   kv_lora_rank=hidden // 4)
+
+
 def peak_rss_mib(checkpoint: Path) -> float:
     out = subprocess.run([sys.executable, "-c", _CHILD, str(checkpoint)], capture_output=True, text=True,
                          check=True)
@@ -44,9 +51,7 @@ def measure(hidden: int = 1024, experts: int = 16, moe_inter: int = 512,
     results: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for depth in depths:
-            spec = ToySpec(layers=depth, dense_layers=1, hidden=hidden, heads=8, experts=experts, top_k=2,
-                           n_group=4, topk_group=2, moe_inter=moe_inter, inter=4 * moe_inter, vocab=4096,
-                           q_lora_rank=hidden // 2, kv_lora_rank=hidden // 4)
+            spec = depth_spec(depth, hidden, experts, moe_inter)
             path = Path(tmp) / f"d{depth}"
             write_random_toy(path, spec, max_shard_bytes=256 * 1024**2)
             size = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 1024**2

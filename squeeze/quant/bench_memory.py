@@ -16,7 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from squeeze.model.toy import ToySpec, write_random_toy
+from squeeze.evaluation.bench_memory import depth_spec
+from squeeze.model.toy import write_random_toy
 
 _CHILD = """
 import json, sys, time, torch
@@ -46,9 +47,7 @@ def measure(hidden: int = 512, experts: int = 16, moe_inter: int = 512, method: 
     results: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for depth in depths:
-            spec = ToySpec(layers=depth, dense_layers=1, hidden=hidden, heads=8, experts=experts, top_k=2,
-                           n_group=4, topk_group=2, moe_inter=moe_inter, inter=4 * moe_inter, vocab=4096,
-                           q_lora_rank=hidden // 2, kv_lora_rank=hidden // 4)
+            spec = depth_spec(depth, hidden, experts, moe_inter)
             path = Path(tmp) / f"d{depth}"
             write_random_toy(path, spec, max_shard_bytes=64 * 1024**2)
             results[f"disk_mib_{depth}"] = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 1024**2
