@@ -85,15 +85,20 @@ class QuantizeReport:
         return d
 
 
-def peak_rss_bytes() -> int:
-    """This process's VmHWM (ru_maxrss is inherited across exec, so it is not used)."""
+def proc_bytes(path: str, field: str) -> int:
+    """A `field: N kB` line of a /proc file in bytes; 0 where /proc is absent (the caller then skips its check)."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
+
+
+def peak_rss_bytes() -> int:
+    """This process's VmHWM (ru_maxrss is inherited across exec, so it is not used)."""
+    return proc_bytes("/proc/self/status", "VmHWM")
 
 
 # ---- allocator ------------------------------------------------------------------------------------------

@@ -56,6 +56,7 @@ from squeeze.quant.pipeline import (
     _out_dtype,
     peak_rss_bytes,
     plan,
+    proc_bytes,
 )
 from squeeze.quant.scheme import QuantScheme
 from squeeze.recipe import Recipe, Rule
@@ -193,13 +194,7 @@ def ptq_in_memory(model: CausalLM, reader: CheckpointReader, recipe: Recipe, bat
 # ---- training -----------------------------------------------------------------------------------------------
 def available_memory_bytes() -> int:
     """MemAvailable from /proc/meminfo (0 when unknown: no check)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return proc_bytes("/proc/meminfo", "MemAvailable")
 
 
 def check_memory(reader: CheckpointReader) -> int:
