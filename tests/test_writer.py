@@ -84,3 +84,32 @@ def test_existing_output_is_refused_and_overwrite_replaces(tmp_path: Path) -> No
     assert not (out / "keep").exists()
     assert sorted(p.name for p in out.iterdir()) == [
         "config.json", "model-00001-of-00001.safetensors", "model.safetensors.index.json"]
+
+
+
+def _mapped_ranges(path: Path) -> list[tuple[int, int]]:
+    """Address ranges of this process's memory maps of `path` (from /proc/self/maps)."""
+    out = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and Path(parts[5]) == path.resolve():
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            out.append((lo, hi))
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc to see file mappings")
+def test_read_returns_tensors_that_own_their_memory(tmp_path: Path) -> None:
+    """A tensor read in its stored dtype must not be a view of safetensors' file mapping: a view keeps every
+    page read so far resident while it lives (the quantize pipeline kept one fp32 router bias per layer and
+    its resident set grew by a layer of bf16 weights per layer)."""
+    write_random_toy(tmp_path / "a", SMALL)
+    r = CheckpointReader(tmp_path / "a")
+    shard = tmp_path / "a" / r.shard_files[0]
+    for dtype in (torch.bfloat16, torch.float32):
+        got = r.read(r.names_in_shard(r.shard_files[0]), dtype)
+        assert any(r.stored_dtype(n) == ("BF16" if dtype == torch.bfloat16 else "F32") for n in got)
+        live = _mapped_ranges(shard)  # mappings still alive after the read: only views could hold them
+        for name, t in got.items():
+            assert t.dtype == dtype
+            assert not any(lo <= t.data_ptr() < hi for lo, hi in live), (name, dtype)

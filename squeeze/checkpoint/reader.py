@@ -179,7 +179,9 @@ class CheckpointReader:
             elif not t.is_floating_point():
                 raise CheckpointError(f"tensor {name} has dtype {t.dtype}; squeeze expects floating-point weights")
             else:
-                t = t.to(dtype)
+                # always a copy: a tensor already in `dtype` would otherwise be a view of safetensors'
+                # file mapping and keep every page read so far resident for as long as it lives
+                t = t.to(dtype, copy=True)
             out[name] = t
         return out
 
@@ -240,7 +242,7 @@ def read_compressed(reader: CheckpointReader, names: list[str], dtype: torch.dty
             t = reader.read_raw([name])[name]
             if not t.is_floating_point():
                 raise CheckpointError(f"tensor {name} has dtype {t.dtype}; squeeze expects floating-point weights")
-            out[name] = t.to(dtype)
+            out[name] = t.to(dtype, copy=True)  # not a view of the file mapping (see `read`)
             continue
         stored = [f"{module}{s}" for s in (".weight_packed", ".weight", ".weight_scale", ".weight_zero_point",
                                            ".weight_shape") if f"{module}{s}" in reader.weight_map]
