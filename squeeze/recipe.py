@@ -61,6 +61,13 @@ class Calibration:
     batch_size: int = 8
     seed: int = 0
     observe_all_experts: bool = True
+    # dtype of the statistics pass's matmuls (CPU/GPU autocast): the weights are bf16 on disk and the real
+    # model runs in bf16; Hessians (xᵀx) stay fp32 products. "float32" for a full-precision pass.
+    compute_dtype: str = "bfloat16"
+
+    def __post_init__(self) -> None:
+        if self.compute_dtype not in ("bfloat16", "float32"):
+            raise SqueezeError(f"calibration compute_dtype must be bfloat16 or float32, not {self.compute_dtype!r}")
 
 
 @dataclass

@@ -9,12 +9,15 @@ import pytest
 import torch
 import yaml
 
+from squeeze.checkpoint import CheckpointReader
 from squeeze.checkpoint.fp8 import quantize_fp8_block
 from squeeze.data import load_text, token_windows
 from squeeze.errors import SqueezeError
+from squeeze.model.decoder import build_layer
+from squeeze.model.rope import RotaryTable
 from squeeze.model.runtime import LayerwiseModel
 from squeeze.model.tokenizer import load_tokenizer
-from squeeze.quant.calibration import InputStats, output_error
+from squeeze.quant.calibration import InputStats, LayerCalibration, Target, output_error
 from squeeze.quant.export import COMPRESSED_TENSORS, export_tensors
 from squeeze.quant.gptq import gptq_quantize
 from squeeze.quant.linear import QuantLinear
@@ -118,6 +121,41 @@ def test_gptq_beats_rtn_on_real_activations(trained_toy: Path) -> None:
             assert rtn == pytest.approx(direct, rel=1e-3)
             assert gptq < 0.8 * rtn, (n, scheme.describe(), gptq, rtn)
             assert gptq_ao < 0.8 * rtn, (n, scheme.describe(), gptq_ao, rtn)
+
+
+def test_bf16_statistics_pass_matches_fp32(trained_toy: Path) -> None:
+    """The default bf16 statistics pass (autocast matmuls, fp32 xᵀx) gives the Hessians and the GPTQ results
+    of a full fp32 pass, on every Linear of a real MoE layer."""
+    reader = CheckpointReader(trained_toy)
+    cfg = reader.config
+    ids = token_windows(load_tokenizer(trained_toy).encode(load_text("corpus:calibration")).ids, 64, 8, seed=0)
+    rope = RotaryTable(cfg)
+    layer0 = build_layer(cfg, 0, reader.read(reader.names_with_prefix("model.layers.0."))).eval()
+    with torch.no_grad():
+        emb = torch.nn.functional.embedding(ids, reader.read_one("model.embed_tokens.weight"))
+        hs = [layer0(emb, *rope.get(0, ids.shape[1]))]
+    stats = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        layer = build_layer(cfg, 1, reader.read(reader.names_with_prefix("model.layers.1."))).eval()
+        targets = [Target(f"model.layers.1.{n}", n, m, preset("W4A16"), "gptq") for n, m in layer.named_modules()
+                   if isinstance(m, torch.nn.Linear)]
+        calib = LayerCalibration(1, hs, lambda n: rope.get(0, n))
+        stats[dtype] = calib.collect_hessians(layer, targets, compute_dtype=dtype)
+    assert len(stats[torch.float32]) > 20  # attention, every expert, the shared expert
+    rels = {}
+    for name, ref in stats[torch.float32].items():
+        got = stats[torch.bfloat16][name]
+        assert got.tokens == ref.tokens
+        rels[name] = float((got.hessian - ref.hessian).norm() / ref.hessian.norm())
+    assert max(rels.values()) < 2e-2, rels
+    assert rels["model.layers.1.mlp.experts.3.down_proj"] > 0  # bf16 really ran (a down proj sees bf16 products)
+    for local in ("self_attn.kv_b_proj", "mlp.experts.3.down_proj", "mlp.shared_experts.gate_proj"):
+        name = f"model.layers.1.{local}"
+        w = layer.get_submodule(local).weight.data
+        ref = stats[torch.float32][name]
+        errs = [output_error(w, gptq_quantize(w, s.hessian, preset("W4A16")).dequantize(), ref)
+                for s in (ref, stats[torch.bfloat16][name])]
+        assert errs[1] == pytest.approx(errs[0], rel=2e-2), (local, errs)
 
 
 def test_quant_linear_cpu_path_matches_fake_quant() -> None:

@@ -57,15 +57,20 @@ class LayerCalibration:
         self.expert_tokens: torch.Tensor | None = None  # tokens truly routed to each expert
 
     def run(self, layer: nn.Module, observe_all_experts: bool = True,
-            on_batch: Callable[[int], None] | None = None) -> list[torch.Tensor]:
-        """Forward every batch through `layer`; MoE layers see every token on every expert if asked."""
+            on_batch: Callable[[int], None] | None = None,
+            compute_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+        """Forward every batch through `layer`; MoE layers see every token on every expert if asked.
+        With `compute_dtype` the matmuls run under autocast in that dtype (bf16 matmuls are 2-3x faster
+        than fp32 on CPUs with AVX512-BF16 / AMX, and on GPUs)."""
         moes = [m for m in layer.modules() if isinstance(m, MoE)]
         for m in moes:
             m.observe_all_experts = observe_all_experts
         outs: list[torch.Tensor] = []
         counts: torch.Tensor | None = None
+        device = self.inputs[0].device.type if self.inputs else "cpu"
+        cast = torch.autocast(device, dtype=compute_dtype, enabled=compute_dtype not in (None, torch.float32))
         try:
-            with torch.no_grad():
+            with torch.no_grad(), cast:
                 for j, h in enumerate(self.inputs):
                     cos, sin = self._rotary(h.shape[1])
                     outs.append(layer(h, cos, sin))
@@ -83,7 +88,8 @@ class LayerCalibration:
 
     def collect_hessians(self, layer: nn.Module, targets: Iterable[Target],
                          on_batch: Callable[[int], None] | None = None,
-                         observe_all_experts: bool = True) -> dict[str, InputStats]:
+                         observe_all_experts: bool = True,
+                         compute_dtype: torch.dtype | None = None) -> dict[str, InputStats]:
         """Accumulate Σ xᵀx for each target's input over all batches (one pass, every expert observed
         unless `observe_all_experts` is off, when experts see only their routed tokens).
 
@@ -92,6 +98,9 @@ class LayerCalibration:
         Hessian tensor, accumulated once per batch: one fp32 `addmm_` per distinct input. Sharing is
         re-checked on every batch and split (the sum so far copied) if inputs ever differ. The
         finiteness check runs once on each final Hessian: a NaN / inf input makes its diagonal non-finite.
+        With `compute_dtype` (e.g. bf16) the layer's matmuls run in that dtype, but xᵀx is always an fp32
+        product: rounding each batch's product to bf16 (~1e-3 relative per entry) made GPTQ's output error
+        on the trained toy's layers 1.1-1.7x worse, while the bf16 forward itself changed it by <2%.
         """
         new = [t for t in targets if t.name not in self.stats]
         # per target: the name whose Hessian it currently shares (itself when it owns one)
@@ -127,7 +136,8 @@ class LayerCalibration:
                 owner[name] = name
                 x = raw.detach().reshape(-1, raw.shape[-1]).float()
                 s = self.stats[name]
-                s.hessian.addmm_(x.T, x)
+                with torch.autocast(x.device.type, enabled=False):
+                    s.hessian.addmm_(x.T, x)
                 s.tokens += x.shape[0]
                 if name in sharers:
                     added[name] = x
@@ -149,7 +159,8 @@ class LayerCalibration:
         for m in skipped:
             m.forward = functools.partial(_zeros_like_output, m.out_features)  # type: ignore[method-assign]
         try:
-            self.run(layer, observe_all_experts=observe_all_experts, on_batch=batch_done)
+            self.run(layer, observe_all_experts=observe_all_experts, on_batch=batch_done,
+                     compute_dtype=compute_dtype)
         finally:
             for h in handles:
                 h.remove()
@@ -192,7 +203,7 @@ def _down_projections(layer: nn.Module) -> list[nn.Linear]:
 
 
 def _zeros_like_output(out_features: int, x: torch.Tensor) -> torch.Tensor:
-    return x.new_zeros(*x.shape[:-1], out_features)
+    return x.new_zeros(1).expand(*x.shape[:-1], out_features)  # no memory: the product is never read
 
 
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, stats: InputStats) -> float:

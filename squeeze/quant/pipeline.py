@@ -262,7 +262,8 @@ def quantize_checkpoint(model_dir: str | Path, out_dir: str | Path, recipe: Reci
                         progress.update(sample_task, completed=done, info=f"layer {i}, {rate:.1f} samples/s")
 
                 calib.collect_hessians(layer, mine, on_batch=tick,
-                                       observe_all_experts=recipe.calibration.observe_all_experts)
+                                       observe_all_experts=recipe.calibration.observe_all_experts,
+                                       compute_dtype=getattr(torch, recipe.calibration.compute_dtype))
                 report.calibration_seconds += time.perf_counter() - tc
 
                 # 2. methods choose the stored numbers
