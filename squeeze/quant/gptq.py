@@ -23,37 +23,44 @@ from squeeze.errors import SqueezeError
 from squeeze.quant.calibration import LayerCalibration, Target
 from squeeze.quant.linear import QuantizedWeight
 from squeeze.quant.methods import QuantMethod, register_method
-from squeeze.quant.observers import check_shape, fake_quantize, minmax_qparams, quantize_weight, weight_qparams
+from squeeze.quant.observers import check_shape, dequantize, minmax_qparams, quantize, weight_qparams
 from squeeze.quant.rtn import rtn_quantize
 from squeeze.quant.scheme import QuantScheme
 
 
-def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + λI)⁻¹ for H [K, K] or a batch [B, K, K] (fp32, as the reference
-    GPTQ: float64 doubled this step's time and memory and changed no output error in its 6th digit), raising
-    λ (per matrix) if H is numerically singular. (H + λI)⁻¹ = L⁻ᵀL⁻¹ from the Cholesky factor L, with L⁻¹
-    from one triangular solve (LAPACK's potri, behind `cholesky_inverse`, is much slower)."""
+def _inverse_hessian_factor(h: torch.Tensor, damp: float, max_elements: int = 2**20) -> torch.Tensor:
+    """Upper Cholesky factor U of (H + λI)⁻¹ = UᵀU for H [K, K] or a batch [B, K, K], raising λ (per
+    matrix) if H is numerically singular.
+
+    One Cholesky and one triangular solve, no explicit inverse: with J the index reversal and
+    JHJ = L'L'ᵀ, U = J L'⁻¹ J (upper, positive diagonal, and UᵀU = J L'⁻ᵀL'⁻¹ J = H⁻¹). The usual route
+    (Cholesky, inverse, Cholesky again) costs twice the factorizations plus a matmul. fp32, as the
+    reference GPTQ (float64 doubled the time and changed no output error in its 6th digit). Matrices
+    are factored a few at a time (`max_elements`) so the temporaries stay small next to the weights.
+    """
     single = h.dim() == 2
     hb = h.reshape(-1, h.shape[-2], h.shape[-1])
     b, k = hb.shape[0], hb.shape[-1]
-    eye = torch.eye(k, dtype=hb.dtype)
-    mean_diag = torch.diagonal(hb, dim1=-2, dim2=-1).mean(-1)
-    out = torch.empty_like(hb)
-    pending = torch.arange(b)
-    for attempt in range(6):
-        lam = damp * (10**attempt) * mean_diag[pending]
-        lower, info = torch.linalg.cholesky_ex(hb[pending] + lam[:, None, None] * eye)
-        ok = info == 0
-        if ok.any():
-            linv = torch.linalg.solve_triangular(lower[ok], eye.expand(int(ok.sum()), k, k), upper=False)
-            upper, info2 = torch.linalg.cholesky_ex(linv.mT @ linv, upper=True)
-            done = ok.clone()
-            done[ok] = info2 == 0
-            out[pending[done]] = upper[info2 == 0]
-            pending = pending[~done]
-        if pending.numel() == 0:
-            return out[0] if single else out
-    raise SqueezeError("GPTQ: the calibration Hessian is not positive definite even with strong dampening")
+    out = torch.empty(b, k, k)
+    mean_diag = torch.diagonal(hb, dim1=-2, dim2=-1).float().mean(-1)
+    per = max(1, max_elements // (k * k))
+    for c0 in range(0, b, per):
+        pending = torch.arange(c0, min(c0 + per, b))
+        for attempt in range(6):
+            flipped = hb[pending].flip(-2, -1).float()  # a copy
+            torch.diagonal(flipped, dim1=-2, dim2=-1).add_((damp * 10**attempt * mean_diag[pending])[:, None])
+            lower, info = torch.linalg.cholesky_ex(flipped)
+            del flipped
+            ok = info == 0
+            if ok.any():
+                eye = torch.eye(k).expand(int(ok.sum()), k, k)
+                out[pending[ok]] = torch.linalg.solve_triangular(lower[ok], eye, upper=False).flip(-2, -1)
+                pending = pending[~ok]
+            if pending.numel() == 0:
+                break
+        else:
+            raise SqueezeError("GPTQ: the calibration Hessian is not positive definite even with strong dampening")
+    return out[0] if single else out
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme, block_size: int = 128,
@@ -116,15 +123,22 @@ def gptq_quantize_many(weights: list[torch.Tensor], hessians: list[torch.Tensor]
         per_batch = max(1, max_elements // (n * k))
         for b0 in range(0, len(ps), per_batch):
             batch = [pieces[p] for p in ps[b0:b0 + per_batch]]
-            w = torch.stack([torch.cat([weights[i][r0:r1] for i, r0, r1 in rows]) for _, rows in batch])
+            # the sweep's working copy, built transposed ([B, K, N]) in one fp32 copy of the weights
+            wt = torch.empty(len(batch), k, n)
+            for j, (_, rows) in enumerate(batch):
+                off = 0
+                for i, r0, r1 in rows:
+                    wt[j, :, off:off + r1 - r0] = weights[i][r0:r1].T
+                    off += r1 - r0
             h = torch.stack([hessians[hi] for hi, _ in batch])
-            q, scale, zp = _gptq_sweep(w, h, args, block_size, damp, act_order)
+            q, scale, zp = _gptq_sweep(wt, h, args, block_size, damp, act_order, qdtype)
+            del wt
             for j, (_, rows) in enumerate(batch):
                 off = 0
                 for i, r0, r1 in rows:
                     sl = slice(off, off + r1 - r0)
-                    # stored dtype right away: a float view would keep the whole batch's buffer alive
-                    parts.setdefault(i, []).append((r0, r1, q[j, sl].to(qdtype), scale[j, sl].clone(),
+                    parts.setdefault(i, []).append((r0, r1, q[j, sl].clone(memory_format=torch.contiguous_format),
+                                                    scale[j, sl].clone(),
                                                     None if zp is None else zp[j, sl].clone()))
                     off += r1 - r0
     out = []
@@ -137,16 +151,16 @@ def gptq_quantize_many(weights: list[torch.Tensor], hessians: list[torch.Tensor]
     return out
 
 
-def _gptq_sweep(weight: torch.Tensor, hessian: torch.Tensor, args, block_size: int, damp: float,
-                act_order: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The GPTQ column sweep on a batch: weight [B, N, K], hessian [B, K, K]; returns the integer
-    values [B, N, K] (as float), scales and zero points [B, N, groups].
+def _gptq_sweep(w: torch.Tensor, hessian: torch.Tensor, args, block_size: int, damp: float, act_order: bool,
+                qdtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The GPTQ column sweep on a batch of transposed weights w [B, K, N] (fp32, updated in place: the
+    caller's working copy) with hessian [B, K, K]; returns the stored values [B, N, K] in `qdtype` and the
+    scales and zero points [B, N, groups].
 
-    The sweep works on the transposed weight [B, K, N], so that a column, and the block of columns each
-    step updates, are contiguous rows: with [B, N, K] every column op gathers one element per cache line
-    (8192-row batches: 1.4x slower overall).
+    Transposed, a column and the block of columns each step updates are contiguous rows: with [B, N, K]
+    every column op gathers one element per cache line (8192-row batches: 1.4x slower overall). The stored
+    integers are taken in the loop, so no full-size float buffer of results is ever built.
     """
-    w = weight.detach().float().transpose(1, 2).contiguous()  # [B, K, N]
     bsz, k, n = w.shape
     h = hessian.to(torch.float32, copy=True)
     diag = torch.diagonal(h, dim1=-2, dim2=-1)
@@ -176,7 +190,7 @@ def _gptq_sweep(weight: torch.Tensor, hessian: torch.Tensor, args, block_size: i
     del h
     # original group of each swept column: [B, K] with act-order, else the same for every batch member
     group_of = perm // g if perm is not None else None
-    q_out = torch.zeros_like(w)
+    q_out = torch.empty(bsz, k, n, dtype=qdtype)
 
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
@@ -212,22 +226,17 @@ def _gptq_sweep(weight: torch.Tensor, hessian: torch.Tensor, args, block_size: i
                 s_col = scale[:, None, :, gi]
                 z_col = None if zp is None else zp[:, None, :, gi]
             wcol = w1[:, i:i + 1]  # [B, 1, N]
-            wq = fake_quantize(wcol, s_col, z_col, args)
-            q_out[:, col] = wq[:, 0]
-            e = (wcol - wq) / hinv1[:, i, i, None, None]
+            q = quantize(wcol, s_col, z_col, args)
+            q_out[:, col] = q[:, 0]  # integers (or fp8 values): exact in the stored dtype
+            e = (wcol - dequantize(q, s_col, z_col)) / hinv1[:, i, i, None, None]
             w1[:, i:].addcmul_(hinv1[:, i, i:, None], e, value=-1.0)
             err1[:, i] = e[:, 0]
         if i2 < k:
-            w[:, i2:] -= torch.bmm(hinv[:, i1:i2, i2:].transpose(1, 2), err1)
+            w[:, i2:].baddbmm_(hinv[:, i1:i2, i2:].transpose(1, 2), err1, alpha=-1.0)
 
     if perm is not None:
-        w_hat = torch.empty_like(q_out).scatter_(1, perm[:, :, None].expand(bsz, k, n), q_out)
-    else:
-        w_hat = q_out
-    w_hat = w_hat.transpose(1, 2).reshape(bsz * n, k)
-    q = quantize_weight(w_hat, scale.reshape(bsz * n, n_groups),
-                        None if zp is None else zp.reshape(bsz * n, n_groups), args)
-    return q.reshape(bsz, n, k), scale, zp
+        q_out = torch.empty_like(q_out).scatter_(1, perm[:, :, None].expand(bsz, k, n), q_out)
+    return q_out.transpose(1, 2), scale, zp
 
 
 @register_method
