@@ -116,7 +116,7 @@ def check_linear() -> list[str]:
     """GPU correctness of the three linear kernels on DeepSeek shapes (M spanning every path)."""
     lines = []
     for n, k in [(2048, 7168), (7168, 2048), (24576, 1536)]:
-        for m in (1, 16, 128, 1024):
+        for m in [m for m in (1, 16, 128, 1024) if m in MS]:
             x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
             p, s = int4_weight(n, k)
             z = torch.randint(-2, 3, s.shape, dtype=torch.int8, device="cuda")
@@ -254,7 +254,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--section", choices=["linear", "moe", "all", "w4large"], default="all")
     ap.add_argument("--out", help="also write the tables as markdown here")
+    ap.add_argument("--ms", help="comma-separated M values for the linear section (default: all)")
     args = ap.parse_args()
+    if args.ms:
+        MS[:] = [int(v) for v in args.ms.split(",")]
     if not torch.cuda.is_available():
         sys.exit("bench.py needs a CUDA GPU")
     start = time.time()
