@@ -4,10 +4,15 @@ Builds a toy DeepSeek-V3 checkpoint (tokenizer trained on the bundled corpus, ra
 weights), cuts the calibration windows squeeze itself would use (`corpus:calibration`, seed 0), and
 runs, alternating A/B/A/B for `--rounds` rounds, each in a fresh child process:
 
-- squeeze: `squeeze.api.quantize(..., method="gptq", bits=4, group_size=128)` (layer by layer from disk);
+- squeeze: `squeeze.api.quantize(..., method="gptq", bits=4, group_size=128, act_order=True)` (layer by
+  layer from disk);
 - llm-compressor: `oneshot` with `GPTQModifier(scheme="W4A16", ignore=[lm_head, mlp.gate])`, its
   sequential pipeline, transformers' DeepseekV3ForCausalLM loaded with linearized experts, every expert
   calibrated on every token (as squeeze does), the same windows as a tokenized dataset.
+
+Both use the same column order: llm-compressor's default "static" activation ordering (groups fixed in the
+original column order, columns swept by decreasing Hessian diagonal) is squeeze's `act_order`;
+`--act-order none` compares both without it.
 
 Each child reports its wall time (model load to written output; imports excluded) and peak RSS
 (VmHWM). Then squeeze's runtime computes the held-out perplexity of the base model and both outputs
@@ -44,9 +49,10 @@ import json, sys, time, torch
 torch.set_num_threads(int(sys.argv[5]))
 from squeeze import api
 import compressed_tensors  # squeeze imports it on first export; imports are excluded from both timings
-src, out, n, L = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+src, out, n, L, act_order = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[6] == "static"
 t = time.perf_counter()
-r = api.quantize(src, out, method="gptq", bits=4, group_size=128, num_samples=n, seq_len=L, overwrite=True)
+r = api.quantize(src, out, method="gptq", bits=4, group_size=128, act_order=act_order, num_samples=n, seq_len=L,
+                 overwrite=True)
 wall = time.perf_counter() - t
 hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 print(json.dumps({"seconds": wall, "peak_rss_mib": int(hwm.split()[1]) / 1024, "layers": len(r.layers),
@@ -64,7 +70,7 @@ from transformers import AutoModelForCausalLM
 import llmcompressor
 from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import GPTQModifier
-src, out, ids_file, dtype = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[5]
+src, out, ids_file, dtype, actorder = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[5], sys.argv[6]
 ids = torch.load(ids_file, weights_only=True)
 ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
 t = time.perf_counter()
@@ -72,7 +78,8 @@ t = time.perf_counter()
 # time, but its class patching imports every transformers module, which needs torchvision: not installable
 # here for torch 2.13 CPU)
 model = AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, dtype))
-recipe = GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head", "re:.*mlp\\.gate$"])
+recipe = GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head", "re:.*mlp\\.gate$"],
+                      actorder=None if actorder == "none" else actorder)
 oneshot(model=model, dataset=ds, recipe=recipe, pipeline="sequential", num_calibration_samples=ids.shape[0],
         max_seq_length=ids.shape[1], shuffle_calibration_samples=False, moe_calibrate_all_experts=True)
 model.save_pretrained(out, save_compressed=True)
@@ -131,6 +138,37 @@ def perplexity(checkpoint: Path, windows: torch.Tensor) -> float:
     return math.exp(total / count)
 
 
+def layer_error_ratios(model: Path, ours: Path, theirs: Path, calib: torch.Tensor, layers: int = 3,
+                       batch: int = 8) -> list[float]:
+    """GPTQ's own objective, per Linear of the first `layers` layers: the relative output error
+    ‖X(W − Ŵ)ᵀ‖² / ‖XWᵀ‖² of `ours` over that of `theirs`, on the unquantized model's fp32 activations of
+    the calibration windows. End-to-end perplexity of two equally good quantizations differs by noise;
+    this compares what GPTQ minimises, Linear by Linear."""
+    from squeeze.checkpoint import CheckpointReader
+    from squeeze.model.decoder import build_layer
+    from squeeze.model.rope import RotaryTable
+    from squeeze.quant.calibration import LayerCalibration, Target, output_error
+
+    base, a, b = CheckpointReader(model), CheckpointReader(ours), CheckpointReader(theirs)
+    rope = RotaryTable(base.config)
+    embed = base.read_one("model.embed_tokens.weight")
+    hs = [torch.nn.functional.embedding(x, embed) for x in calib.split(batch)]
+    ratios = []
+    for i in range(min(layers, base.config.num_hidden_layers)):
+        layer = build_layer(base.config, i, base.read(base.names_with_prefix(f"model.layers.{i}."))).eval()
+        targets = [Target(f"model.layers.{i}.{n}", n, m, None, "gptq") for n, m in layer.named_modules()
+                   if isinstance(m, torch.nn.Linear) and f"model.layers.{i}.{n}.weight_packed" in a]
+        lc = LayerCalibration(i, hs, lambda n: rope.get(0, n))
+        stats = lc.collect_hessians(layer, targets)
+        for t in targets:
+            w = t.module.weight.data
+            ea = output_error(w, a.read_one(t.name + ".weight"), stats[t.name])
+            eb = output_error(w, b.read_one(t.name + ".weight"), stats[t.name])
+            ratios.append(ea / eb)
+        hs = lc.run(layer, observe_all_experts=False)
+    return ratios
+
+
 def build(work: Path, spec: ToySpec, train_steps: int, num_samples: int, seq_len: int,
           heldout_windows: int) -> tuple[Path, torch.Tensor, torch.Tensor]:
     """The toy checkpoint, the calibration windows squeeze uses for it, and held-out windows."""
@@ -166,6 +204,9 @@ def main() -> None:
     p.add_argument("--llmc-python", default="/tmp/llmc/bin/python",
                    help="python of a venv with llmcompressor installed")
     p.add_argument("--llmc-dtype", default="bfloat16", help="dtype llm-compressor loads the model in")
+    p.add_argument("--act-order", choices=["static", "none"], default="static",
+                   help="GPTQ column order for both (llm-compressor's default is static activation ordering; "
+                        "squeeze's act_order is the same scheme: groups fixed in the original order)")
     p.add_argument("--skip-llmc", action="store_true", help="time squeeze only")
     p.add_argument("--squeeze-src", default=None,
                    help="directory holding another `squeeze` package to time instead (e.g. a copy at an older commit)")
@@ -205,10 +246,10 @@ def main() -> None:
                 shutil.rmtree(out, ignore_errors=True)
                 if name.startswith("squeeze"):
                     argv = [sys.executable, "-c", _SQUEEZE_CHILD, str(model), str(out), str(a.num_samples),
-                            str(a.seq_len), str(a.threads)]
+                            str(a.seq_len), str(a.threads), a.act_order]
                 elif llmc_why is None:
                     argv = [a.llmc_python, "-c", _LLMC_CHILD, str(model), str(out), str(ids_file),
-                            str(a.threads), a.llmc_dtype]
+                            str(a.threads), a.llmc_dtype, a.act_order]
                 else:
                     continue
                 try:
@@ -229,7 +270,8 @@ def main() -> None:
             if results[name]:
                 ppl[name] = perplexity(work / f"out-{name}", heldout)
 
-        print(f"\nGPTQ W4A16 g128, {a.layers}-layer DeepSeek-V3 toy (hidden {a.hidden}, {a.experts} experts), "
+        print(f"\nGPTQ W4A16 g128 (act-order {a.act_order}), {a.layers}-layer DeepSeek-V3 toy "
+              f"(hidden {a.hidden}, {a.experts} experts), "
               f"{calib.shape[0]}x{calib.shape[1]} calibration tokens, {a.rounds} alternating rounds, "
               f"median; ppl on {heldout.shape[0]}x{heldout.shape[1]} held-out tokens")
         print(f"{'':>15} {'s/layer':>8} {'total s':>8} {'peak MiB':>9} {'ppl':>10}")
@@ -256,6 +298,10 @@ def main() -> None:
                   f"ppl squeeze <= llm-compressor -> {'yes' if s['ppl'] <= lc['ppl'] else 'no'}")
             print("per round (s): " + ", ".join(
                 f"{n} {[round(x['seconds'], 1) for x in results[n]]}" for n in results))
+            r = sorted(layer_error_ratios(model, work / "out-squeeze", work / "out-llm-compressor", calib))
+            print(f"GPTQ output error per Linear, squeeze / llm-compressor, first 3 layers ({len(r)} Linears): "
+                  f"median {statistics.median(r):.3f}, min {r[0]:.3f}, max {r[-1]:.3f}; "
+                  f"squeeze lower on {sum(x < 1 for x in r)}")
         else:
             print(f"llm-compressor: not measured ({llmc_why})")
     finally:
