@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from squeeze.errors import SqueezeError
@@ -68,6 +69,10 @@ class Calibration:
     def __post_init__(self) -> None:
         if self.compute_dtype not in ("bfloat16", "float32"):
             raise SqueezeError(f"calibration compute_dtype must be bfloat16 or float32, not {self.compute_dtype!r}")
+
+    @property
+    def torch_compute_dtype(self) -> torch.dtype:
+        return getattr(torch, self.compute_dtype)
 
 
 @dataclass

@@ -155,7 +155,7 @@ def test_bf16_statistics_pass_matches_fp32(trained_toy: Path) -> None:
         ref = stats[torch.float32][name]
         errs = [output_error(w, gptq_quantize(w, s.hessian, preset("W4A16")).dequantize(), ref)
                 for s in (ref, stats[torch.bfloat16][name])]
-        assert errs[1] == pytest.approx(errs[0], rel=2e-2), (local, errs)
+        assert errs[1] <= 1.02 * errs[0], (local, errs)  # not worse (it may land either side: bf16 sums vary)
 
 
 def test_quant_linear_cpu_path_matches_fake_quant() -> None:

@@ -86,7 +86,6 @@ def test_existing_output_is_refused_and_overwrite_replaces(tmp_path: Path) -> No
         "config.json", "model-00001-of-00001.safetensors", "model.safetensors.index.json"]
 
 
-
 def _mapped_ranges(path: Path) -> list[tuple[int, int]]:
     """Address ranges of this process's memory maps of `path` (from /proc/self/maps)."""
     out = []

@@ -221,7 +221,7 @@ def quantize_checkpoint(model_dir: str | Path, out_dir: str | Path, recipe: Reci
     # the statistics pass runs its matmuls in this dtype; the pass computing the quantized layer's outputs
     # stays fp32: there every expert sees a different token count, and each new bf16 GEMM shape adds a
     # oneDNN primitive to a cache that grew the resident set by ~20 MiB per layer (for no measurable speed)
-    compute_dtype = getattr(torch, recipe.calibration.compute_dtype)
+    compute_dtype = recipe.calibration.torch_compute_dtype
     report = QuantizeReport(str(out), layout, defaultdict(float), 0.0, 0.0, 0,
                             calibration_tokens=sum(b.numel() for b in batches))
     unquantized: list[str] = []

@@ -176,7 +176,7 @@ def ptq_in_memory(model: CausalLM, reader: CheckpointReader, recipe: Recipe, bat
             check_finite(h, f"the input of layer {i} (batch {j})")
         calib = LayerCalibration(i, hs, lambda n: model.rope.get(0, n))
         calib.collect_hessians(layer, mine, observe_all_experts=recipe.calibration.observe_all_experts,
-                                       compute_dtype=getattr(torch, recipe.calibration.compute_dtype))
+                               compute_dtype=recipe.calibration.torch_compute_dtype)
         for key, method in methods.items():
             group = [t for t in mine if t.method == key]
             if group:
