@@ -53,3 +53,12 @@ def num_sms(device: torch.device) -> int:
 @functools.cache
 def _sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def tma_compatible(t: torch.Tensor) -> bool:
+    """Whether a TMA descriptor can view ``t`` as rows: 16-byte aligned base and row stride, unit
+    inner stride (the copy engine's rules; a violating descriptor fails at launch, not here)."""
+    size = t.element_size()
+    return (
+        t.dim() == 2 and t.stride(1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * size) % 16 == 0
+    )

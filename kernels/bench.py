@@ -1,6 +1,6 @@
 """Benchmark the kernels against cuBLAS bf16 and a per-expert torch loop (needs a CUDA GPU).
 
-    python -m squeeze.kernels.bench [--section linear|moe|all|w4large] [--out FILE.md]
+    python -m squeeze.kernels.bench [--section linear|moe|all|w4large|anchors] [--ms 1,16] [--out FILE.md]
 
 It first checks every kernel against the torch reference on the GPU (and stops if one is off),
 then times. Linear layers: median of CUDA-graph replays (GPU time without Python launch cost,
@@ -173,6 +173,36 @@ def _linear_rows(n: int, k: int, bw: float, rate: float) -> list[str]:
     return rows
 
 
+def tinygemm_weight(n: int, k: int, group: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's int4 tinygemm operands (random): the packed weight and its [K / group, N, 2] scales-and-zeros."""
+    raw = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda")
+    packed = torch.ops.aten._convert_weight_to_int4pack(raw, 8)
+    sz = (0.01 * torch.rand(k // group, n, 2, device="cuda")).to(torch.bfloat16)
+    return packed, sz
+
+
+def anchor_table() -> list[str]:
+    """W4A16 against torch's int4 tinygemm (TARGETS' anchor) at the same group size, same run, same timing."""
+    rows = [
+        "| N | K | M | cuBLAS bf16 µs | torch tinygemm int4 g128 µs | W4A16 g128 µs | x vs tinygemm |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for n, k in SHAPES:
+        wb = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") for _ in range(copies(2 * n * k))]
+        w4 = [int4_weight(n, k) for _ in range(copies(n * k // 2))]
+        tg = [tinygemm_weight(n, k) for _ in range(copies(n * k // 2))]
+        for m in MS:
+            x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+            t_ref = bench_graph([lambda w=w: F.linear(x, w) for w in wb])  # noqa: B023
+            t_w4 = bench_graph([lambda p=p, s=s: linear_wq(x, p, s, None, 128) for p, s in w4])  # noqa: B023
+            t_tg = bench_graph([lambda p=p, s=s: torch.ops.aten._weight_int4pack_mm(x, p, 128, s) for p, s in tg])  # noqa: B023
+            rows.append(f"| {n} | {k} | {m} | {t_ref:.1f} | {t_tg:.1f} | {t_w4:.1f} | {t_tg / t_w4:.2f} |")
+            print(rows[-1], flush=True)
+        del wb, w4, tg
+        torch.cuda.empty_cache()
+    return rows
+
+
 def loop_moe(x, ids, weights, w13, w2):
     """The HF DeepSeek-V3 ``moe_infer`` loop: sort by expert, one torch matmul chain per expert."""
     t, k = ids.shape
@@ -252,7 +282,7 @@ def moe_table(bw: float) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--section", choices=["linear", "moe", "all", "w4large"], default="all")
+    ap.add_argument("--section", choices=["linear", "moe", "all", "w4large", "anchors"], default="all")
     ap.add_argument("--out", help="also write the tables as markdown here")
     ap.add_argument("--ms", help="comma-separated M values for the linear section (default: all)")
     args = ap.parse_args()
@@ -283,6 +313,9 @@ def main() -> None:
         out += ["## Linear layers (DeepSeek-V3 shapes), activation quantization included", ""]
         out += linear_table(bw, rate) + [""]
         out += ["GPU correctness (rel. error vs torch reference):", "", *[f"    {c}" for c in check], ""]
+    if args.section == "anchors":
+        out += ["## W4A16 vs torch's int4 tinygemm (TARGETS' anchor), same run", ""]
+        out += anchor_table() + [""]
     if args.section in ("moe", "all"):
         out += [f"## MoE layer: {E} experts, top-{TOPK}, hidden {HIDDEN}, expert width {INTER}", ""]
         out += moe_table(bw) + [""]

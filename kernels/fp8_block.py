@@ -21,9 +21,9 @@ import triton
 import triton.language as tl
 
 from . import _splitk, _tuning
-from ._dispatch import Backend, num_sms, use_triton
+from ._dispatch import Backend, num_sms, tma_compatible, use_triton
 from ._tl import cast_out, grouped_tile, mma, split_k_range, to_fp8e4
-from .gemv import fp8_gemv_kernel, fp8_gemv_wide_kernel
+from .gemv import fp8_gemv_kernel, fp8_gemv_tma_kernel
 from .reference import FP8_BLOCK, FP8_MAX, linear_fp8_block_ref
 
 
@@ -121,7 +121,7 @@ class Fp8Config:
     split_k: int = 0  # 0: choose from the grid size
     fuse_quant: bool = False  # quantize x inside the GEMM (worth it for small M: x is re-read per N tile)
     gemv: bool = False  # M = 1 only: CUDA-core GEMV with fused quantization (gemv.py)
-    nb: int = 0  # with gemv: the double-buffered wide GEMV, nb K blocks per step (fuse_quant: x quantized inside)
+    nb: int = 0  # with gemv: the TMA-fed GEMV, nb K blocks per step, num_stages deep ring (x quantized first)
     cublas: bool = False  # large M: our one-pass activation quant, then cuBLAS's block-scaled fp8 GEMM (SM90)
 
 
@@ -131,8 +131,9 @@ def _candidates(m: int, interpret: bool) -> list[Fp8Config]:
     if m <= 16:
         fused = [Fp8Config(16, bn, 4, 3, sk, True) for bn in (32, 64, 128) for sk in (0, 1)]
         gemv = [Fp8Config(1, 16, 4, 3, gemv=True)]
-        wide = [Fp8Config(1, bn, w, 1, gemv=True, nb=nb)
-                for bn, w, nb in ((16, 8, 4), (4, 2, 4), (16, 8, 8), (8, 4, 8), (8, 4, 4), (32, 8, 4))]
+        # (8, 4, 4) won or tied on every DeepSeek shape in the H100 sweep (BENCH_H100.md); (16, 4, 4) on 2048 x 7168
+        wide = [Fp8Config(1, bn, w, st, gemv=True, nb=nb)
+                for bn, w, st, nb in ((8, 4, 4, 4), (4, 2, 4, 4), (16, 4, 3, 4))]
         return (wide + gemv if m == 1 else []) + fused + [Fp8Config(16, 64, 4, 3)]
     if m <= 64:
         return [Fp8Config(bm, bn, 4, 3, 0, fq) for bm in (32, 64) for bn in (64, 128) for fq in (False, True)]
@@ -161,7 +162,7 @@ def launch_fp8_block(
     n = w.shape[0]
     if cfg.gemv and m != 1:
         cfg = Fp8Config(fuse_quant=True)  # the GEMV handles one row only
-    if cfg.gemv and cfg.nb:
+    if cfg.gemv and cfg.nb and k % FP8_BLOCK == 0 and tma_compatible(w):
         return _launch_wide_gemv(x, w, scale_inv, cfg, out)
     if cfg.cublas:
         if not cublas_block_fp8_ok(x, w):
@@ -252,23 +253,27 @@ def cublas_block_fp8_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
 def _launch_wide_gemv(
     x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor, cfg: Fp8Config, out: torch.Tensor | None
 ) -> torch.Tensor:
-    """M = 1 through :func:`.gemv.fp8_gemv_wide_kernel` (x quantized inside, or by one tiny pass first)."""
+    """M = 1 through :func:`.gemv.fp8_gemv_tma_kernel`, x quantized by one tiny pass first (K % 128 == 0)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
     k = x.shape[1]
     n = w.shape[0]
     if out is None:
         out = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    xq, xs = (x, x) if cfg.fuse_quant else quant_fp8_act(x)
+    xq, xs = quant_fp8_act(x)
     steps = triton.cdiv(k, cfg.nb * FP8_BLOCK)
     tiles = triton.cdiv(n, cfg.block_n)
     want = 4 * num_sms(x.device)
     split = cfg.split_k or (1 if tiles >= want else min(triton.cdiv(want, tiles), steps))
     per = triton.cdiv(steps, split)
-    split = triton.cdiv(steps, per)  # no empty split (it would prefetch past K)
+    split = triton.cdiv(steps, per)  # no empty split
     target, split_stride = _splitk.target(out, split)
-    fp8_gemv_wide_kernel[(tiles, split)](
-        x, xq, xs, w, scale_inv, target, n, k, per, w.stride(0), scale_inv.stride(0), split_stride,
-        EVEN_K=k % (cfg.nb * FP8_BLOCK) == 0, INTERPRET=not x.is_cuda, FMAX=FP8_MAX, FUSE_QUANT=cfg.fuse_quant,
-        BLOCK_N=cfg.block_n, NB=cfg.nb, num_warps=cfg.num_warps, num_stages=1,
+    w3 = w.as_strided((n, k // FP8_BLOCK, FP8_BLOCK), (w.stride(0), FP8_BLOCK, 1))
+    desc = TensorDescriptor(w3, list(w3.shape), list(w3.stride()), [cfg.block_n, cfg.nb, FP8_BLOCK])
+    fp8_gemv_tma_kernel[(tiles, split)](
+        xq, xs, desc, scale_inv, target, n, k, per, scale_inv.stride(0), split_stride,
+        INTERPRET=not x.is_cuda, BLOCK_N=cfg.block_n, NB=cfg.nb, STAGES=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return _splitk.finish(out, target, split)
 

@@ -4,18 +4,25 @@ At M = 1 an MMA wastes 15/16 of its work on padding, and feeding it forces the d
 through a register-layout conversion (shared memory) that costs more than the weight stream
 itself. Here each thread multiplies the values it loaded, in the layout it loaded them:
 
-* int4 (:func:`w4_gemv_phase_kernel`): words are used in the layout they were loaded in; nibble i
+* int4 (:func:`w4_gemv_tma_kernel`): words are used in the layout they were loaded in; nibble i
   of every word multiplies "phase i" of x (x[8 j + i]), which one tiny pass (:func:`x_phase_kernel`)
   lays out contiguously in fp32. Three instructions per weight (shift, and-or into the mantissa of
-  16.0, FMA). On the H100 (18432, 7168) takes ~45 us (1.5 TB/s of int4 weights), vs ~110 us for the
-  two earlier int4 GEMVs it replaces. Those unpacked through a [.., 8] broadcast axis
-  (p[..., None] >> shifts, then a sum over it) against a bf16 x tile re-read as [.., 8] per word,
-  five instructions per weight; the likely cost (not profiled) is that Triton spreads that axis over
-  threads, so each step converted layouts through shared memory. Sweep (bench/explore): 8 warps,
-  4 words per thread per step is best; 8-16 words per thread (more bytes in flight) got slower.
-* fp8: weights upcast in registers; x is quantized per 128-block inside the kernel exactly as
-  :func:`.fp8_block.quant_fp8_act` does, so the math is the reference's (fp8 x fp8 products are
-  exact in fp32), only the summation order differs.
+  16.0, FMA). Gathering the phases straight from x with stride-8 loads instead (one launch less)
+  measured 46-48 us vs 39-40 on (18432, 7168) on the H100, and gained under 1 us on small shapes.
+* fp8 (:func:`fp8_gemv_tma_kernel`): weights upcast in registers; x quantized per 128-block by
+  :func:`.fp8_block.quant_fp8_act` first, so the math is the reference's (fp8 x fp8 products are
+  exact in fp32), only the summation order differs. :func:`fp8_gemv_kernel` (x quantized inside,
+  plain loads) serves shapes TMA cannot describe.
+
+Why TMA: a GEMV is a pure weight stream, and on an H100 it needs ~20 KB in flight per SM to reach
+HBM bandwidth. Loading into registers (the earlier kernels double-buffered one step by hand) ties
+those bytes to registers: the int4 kernel needed 80 registers, so 3 programs per SM, 37% occupancy,
+and ncu showed warps stalled on the loads 47% of the time at 1.4 TB/s (46 us on (18432, 7168)).
+A TMA descriptor load inside ``tl.range(num_stages=S)`` is pipelined by Triton into an S-deep
+shared-memory ring filled by the copy engine, so the bytes in flight no longer cost registers:
+38 us there (1.8 TB/s), and 16 vs 23 us on (24576, 1536). The same change to the MMA kernels
+(w4a16.py) gained nothing: they are bound by the dequant-to-MMA layout conversion, not by latency.
+Loading x through TMA as well was much slower (67 us): x is tiny and L1-resident.
 
 Split-K as in the GEMM kernels, into the same fp32 workspace.
 """
@@ -59,61 +66,39 @@ def fp8_gemv_kernel(
 
 
 @triton.jit
-def fp8_gemv_wide_kernel(
-    x_ptr, xq_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr,
-    N, K, ITERS_PER_SPLIT, stride_wn, stride_wsn, stride_osplit,
-    EVEN_K: tl.constexpr, INTERPRET: tl.constexpr, FMAX: tl.constexpr, FUSE_QUANT: tl.constexpr,
-    BLOCK_N: tl.constexpr, NB: tl.constexpr,
+def fp8_gemv_tma_kernel(
+    xq_ptr, xs_ptr, w_desc, ws_ptr, out_ptr,
+    N, K, ITERS_PER_SPLIT, stride_wsn, stride_osplit,
+    INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, STAGES: tl.constexpr,
 ):
-    """M = 1 block-FP8 GEMV: NB 128-wide K blocks per step, the next step's weights in flight.
+    """M = 1 block-FP8 GEMV: NB 128-wide K blocks per step, weights streamed by TMA through a STAGES-deep
+    shared-memory ring.
 
-    With FUSE_QUANT the activation is quantized here per 128-block (as quant_fp8_act does); else it
-    comes pre-quantized (xq fp8 [K], xs fp32 [K / 128]) from one tiny pass, which moves the per-step
-    amax reductions out of every program. Same register double-buffering as w4_gemv_phase_kernel.
+    x comes pre-quantized (xq fp8 [K], xs fp32 [K / 128]) from one tiny pass. w_desc views the weight
+    as [N, K / 128, 128] (block [BLOCK_N, NB, 128]); TMA zero-fills rows past N and blocks past K.
     """
     pid_k = tl.program_id(1)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n0 = tl.program_id(0) * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     rn = tl.minimum(offs_n, N - 1)
     offs_b = tl.arange(0, NB)
-    offs_k = tl.arange(0, 128)
     STEP: tl.constexpr = NB * 128
     steps = tl.cdiv(K, STEP)
     s_begin = pid_k * ITERS_PER_SPLIT
     s_end = min(s_begin + ITERS_PER_SPLIT, steps)
-    k_tile = offs_b[:, None] * 128 + offs_k[None, :]  # [NB, 128]
-    w_rows = w_ptr + rn[:, None, None] * stride_wn
+    k_tile = offs_b[:, None] * 128 + tl.arange(0, 128)[None, :]  # [NB, 128]
     ws_rows = ws_ptr + (rn // 128)[:, None] * stride_wsn
+    kblocks = tl.cdiv(K, 128)
     acc = tl.zeros((BLOCK_N, NB), dtype=tl.float32)
-    kk = s_begin * STEP + k_tile
-    if EVEN_K:
-        w = tl.load(w_rows + kk[None, :, :])
-    else:
-        w = tl.load(w_rows + kk[None, :, :], mask=kk[None, :, :] < K, other=0.0)
-    for st in range(s_begin, s_end):
+    for st in tl.range(s_begin, s_end, num_stages=STAGES):
+        w = w_desc.load([n0, st * NB, 0])  # [BLOCK_N, NB, 128] fp8
         kk = st * STEP + k_tile
-        nxt = tl.where(st + 1 < s_end, kk + STEP, kk)
-        if EVEN_K:
-            w_next = tl.load(w_rows + nxt[None, :, :])
-        else:
-            w_next = tl.load(w_rows + nxt[None, :, :], mask=nxt[None, :, :] < K, other=0.0)
         kb = st * NB + offs_b  # [NB] K-block indices
-        if FUSE_QUANT:
-            if EVEN_K:
-                x = tl.load(x_ptr + kk).to(tl.float32)
-            else:
-                x = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
-            a_s = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12), FMAX)  # [NB]
-            xq = to_fp8e4(tl.math.div_rn(x, a_s[:, None]), INTERPRET).to(tl.float32)
-        else:
-            if EVEN_K:
-                xq = tl.load(xq_ptr + kk).to(tl.float32)
-            else:
-                xq = tl.load(xq_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
-            a_s = tl.load(xs_ptr + kb, mask=kb * 128 < K, other=0.0)
+        xq = tl.load(xq_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+        a_s = tl.load(xs_ptr + kb, mask=kb < kblocks, other=0.0)
         d = tl.sum(w.to(tl.float32) * xq[None, :, :], axis=2)  # [BLOCK_N, NB]
-        w_s = tl.load(ws_rows + kb[None, :], mask=kb[None, :] * 128 < K, other=0.0)  # [BLOCK_N, NB]
+        w_s = tl.load(ws_rows + kb[None, :], mask=kb[None, :] < kblocks, other=0.0)
         acc += d * (w_s * a_s[None, :])
-        w = w_next
     out = cast_out(tl.sum(acc, axis=1), out_ptr.dtype.element_ty, INTERPRET)
     tl.store(out_ptr + pid_k * stride_osplit + offs_n, out, mask=offs_n < N)
 
@@ -123,7 +108,7 @@ def x_phase_kernel(
     x_ptr, xp_ptr, xs_ptr, K,
     GW: tl.constexpr,
 ):
-    """x [K] -> fp32 nibble-phase order for :func:`w4_gemv_phase_kernel`, plus per-sub-block sums.
+    """x [K] -> fp32 nibble-phase order for :func:`w4_gemv_tma_kernel`, plus per-sub-block sums.
 
     Sub-block b covers words b * GW .. b * GW + GW - 1 (values 8 * b * GW ..); inside it, phase i
     (value 8 j + i of word j) is stored contiguously: xp[b, i, j] = x[8 (b GW + j) + i]. Values past
@@ -139,51 +124,39 @@ def x_phase_kernel(
 
 
 @triton.jit
-def w4_gemv_phase_kernel(
-    xp_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, out_ptr,
-    N, K, group_size, ITERS_PER_SPLIT, stride_wn, stride_sn, stride_zn, stride_osplit,
-    HAS_ZP: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr,
-    BLOCK_N: tl.constexpr, NG: tl.constexpr, GW: tl.constexpr,
+def w4_gemv_tma_kernel(
+    xp_ptr, xs_ptr, w_desc, s_ptr, z_ptr, out_ptr,
+    N, K, ITERS_PER_SPLIT, stride_sn, stride_zn, stride_osplit,
+    HAS_ZP: tl.constexpr, INTERPRET: tl.constexpr, SUB_SHIFT: tl.constexpr,
+    BLOCK_N: tl.constexpr, NG: tl.constexpr, GW: tl.constexpr, STAGES: tl.constexpr,
 ):
     """M = 1 int4 GEMV on the CUDA cores, three instructions per weight, words never unpacked to K order.
 
-    A step streams [BLOCK_N, NG, GW] packed words (16-byte vectors per thread, the next step's words
-    already loading: register double-buffering; Triton does not software-pipeline loads that feed
-    no tl.dot). Nibble i of every word
-    multiplies phase i of x (pre-permuted by :func:`x_phase_kernel`, so each phase is a contiguous
-    [NG, GW] fp32 tile), so the words keep the layout they were loaded in: no [.., 8] broadcast axis
-    and no layout conversion. Each nibble becomes fp32 16 + u with one shift and one and-or
-    (u moved to the top of the mantissa of 16.0), then one FMA; the offset comes off once per
-    sub-block: sum_k (16 + u_k) x_k - 24 sum_k x_k = sum_k q_k x_k (q = u - 8), times the group
-    scale (minus zp * scale * sum x for asymmetric weights).
+    A step takes [BLOCK_N, NG, GW] packed words from a STAGES-deep shared-memory ring that TMA fills
+    (w_desc views the weight as [N, K / (8 GW), GW] words; rows past N and sub-blocks past K arrive
+    as zeros). Nibble i of every word multiplies phase i of x (pre-permuted by :func:`x_phase_kernel`,
+    so each phase is a contiguous [NG, GW] fp32 tile), so the words keep the layout they were read
+    in: no [.., 8] broadcast axis and no layout conversion. Each nibble becomes fp32 16 + u with one
+    shift and one and-or (u moved to the top of the mantissa of 16.0), then one FMA; the offset comes
+    off once per sub-block: sum_k (16 + u_k) x_k - 24 sum_k x_k = sum_k q_k x_k (q = u - 8), times
+    the group scale (minus zp * scale * sum x for asymmetric weights). Sub-block b lies in scale
+    group b >> SUB_SHIFT (a sub-block never straddles a group; per channel, SUB_SHIFT is large).
     """
     pid_k = tl.program_id(1)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n0 = tl.program_id(0) * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     rn = tl.minimum(offs_n, N - 1)
     offs_g = tl.arange(0, NG)
-    offs_w = tl.arange(0, GW)
     STEP: tl.constexpr = NG * GW  # words per row per step
-    words = K // 8
-    steps = tl.cdiv(words, STEP)
+    steps = tl.cdiv(K // 8, STEP)
     s_begin = pid_k * ITERS_PER_SPLIT
     s_end = min(s_begin + ITERS_PER_SPLIT, steps)
-    kw_tile = offs_g[:, None] * GW + offs_w[None, :]  # [NG, GW] word offsets inside a step
-    x_tile = offs_g[:, None] * (GW * 8) + offs_w[None, :]  # phase 0 of each sub-block in xp
-    w_rows = w_ptr + rn[:, None, None] * stride_wn
+    last_group = (K // 8 - 1) // (GW << SUB_SHIFT)
+    x_tile = offs_g[:, None] * (GW * 8) + tl.arange(0, GW)[None, :]  # phase 0 of each sub-block in xp
     acc = tl.zeros((BLOCK_N, NG, GW), dtype=tl.float32)
     oacc = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
-    kw = s_begin * STEP + kw_tile
-    if EVEN_K:
-        p = tl.load(w_rows + kw[None, :, :])
-    else:
-        p = tl.load(w_rows + kw[None, :, :], mask=kw[None, :, :] < words, other=0)
-    for st in range(s_begin, s_end):
-        kw = st * STEP + kw_tile
-        nxt = tl.where(st + 1 < s_end, kw + STEP, kw)  # clamped prefetch; discarded on the last step
-        if EVEN_K:
-            p_next = tl.load(w_rows + nxt[None, :, :])
-        else:
-            p_next = tl.load(w_rows + nxt[None, :, :], mask=nxt[None, :, :] < words, other=0)
+    for st in tl.range(s_begin, s_end, num_stages=STAGES):
+        p = w_desc.load([n0, st * NG, 0])  # [BLOCK_N, NG, GW] words
         xb = xp_ptr + st * (STEP * 8) + x_tile
         for i in tl.static_range(8):
             if 4 * i <= 19:
@@ -196,7 +169,7 @@ def w4_gemv_phase_kernel(
                 d = wv * xi[None, :, :]
             else:
                 d += wv * xi[None, :, :]
-        g = tl.minimum((st * STEP * 8 + offs_g * GW * 8) // group_size, (K - 1) // group_size)  # [NG]
+        g = tl.minimum((st * NG + offs_g) >> SUB_SHIFT, last_group)  # [NG]
         s = tl.load(s_ptr + rn[:, None] * stride_sn + g[None, :]).to(tl.float32)  # [BLOCK_N, NG]
         xs = tl.load(xs_ptr + st * NG + offs_g)  # [NG]
         acc += d * s[:, :, None]
@@ -205,7 +178,6 @@ def w4_gemv_phase_kernel(
             oacc += s * (24.0 + z) * xs[None, :]
         else:
             oacc += s * (24.0 * xs[None, :])
-        p = p_next
     tot = tl.sum(tl.sum(acc, axis=2), axis=1) - tl.sum(oacc, axis=1)
     out = cast_out(tot, out_ptr.dtype.element_ty, INTERPRET)
     tl.store(out_ptr + pid_k * stride_osplit + offs_n, out, mask=offs_n < N)

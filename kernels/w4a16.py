@@ -16,12 +16,14 @@ Design:
   dequant on a side stream overlapping cuBLAS on the previous chunk (``_overlap.py``), whichever
   is faster on the device.
 
-Measured on an H100 (BENCH_H100.md): decode of (18432, 7168) at M = 1 runs at ~45 us through the
-nibble-phase CUDA-core GEMV (gemv.py; 1.5 TB/s of int4 weights, 2x the 23 us bandwidth floor); at
+Measured on an H100 (BENCH_H100.md): decode of (18432, 7168) at M = 1 runs at ~38 us through the
+nibble-phase CUDA-core GEMV fed by TMA (gemv.py; 1.8 TB/s of int4 weights, 1.65x the 23 us bandwidth floor); at
 M = 16 these MMA kernels take ~67 us (1.1 TB/s): the unpack and the conversion of the dequantized
 tile into the MMA register layout, not memory, bound them. A variant that unpacks two nibble planes
 per integer op (bf16x2 halves split by inline PTX) measured the same (66.6 vs 67.1 us), which
-suggests the layout conversion, not the integer ops, is the cost (not profiled). Getting near the
+suggests the layout conversion, not the integer ops, is the cost (not profiled); feeding the words
+through a TMA shared-memory ring (as the GEMV does) did not help either (68-110 us, ncu: 35% DRAM
+throughput, issue-bound on the conversion). Getting near the
 floor at M = 16 likely needs a Marlin-style pre-shuffled weight layout (one more offline repack),
 which this kernel avoids so that checkpoints load unchanged.
 """
@@ -36,9 +38,9 @@ import triton
 import triton.language as tl
 
 from . import _overlap, _splitk, _tuning
-from ._dispatch import Backend, num_sms, use_triton
+from ._dispatch import Backend, num_sms, tma_compatible, use_triton
 from ._tl import cast_out, grouped_tile, int4_dot_permuted, int4_words_to_magic, mma, split_k_range
-from .gemv import w4_gemv_phase_kernel, x_phase_kernel
+from .gemv import w4_gemv_tma_kernel, x_phase_kernel
 from .reference import linear_wq_ref, resolve_group
 
 # Bits of 128.0 (bf16) / 1024.0 (fp16), where one ulp is 1, and their values (see _tl.py).
@@ -181,8 +183,9 @@ class WqConfig:
     split_k: int = 0  # 0: choose from the grid size
     dequant_cublas: bool = False
     unpack: int = 0  # int4 unpacking: 0 reshape, 1 join tree, 2 K-permuted MMAs (see _tl.py)
-    gemv: bool = False  # M = 1 only: CUDA-core nibble-phase GEMV (gemv.py), block_n rows per program
-    ng: int = 8  # with gemv: sub-blocks (<= 128 values, inside one scale group) per double-buffered step
+    gemv: bool = False  # M = 1 only: CUDA-core nibble-phase GEMV fed by TMA (gemv.py), block_n rows per program,
+    # num_stages deep shared-memory ring
+    ng: int = 8  # with gemv: sub-blocks (<= 128 values, inside one scale group) per step
     prefetch: bool = False  # MMA kernel: load the next K block's int4 words while this one computes
     # chunks > 0: dequantize N in that many chunks on a side stream, overlapped with cuBLAS on the
     # previous chunk (_overlap.py; the other fields below only apply then)
@@ -203,7 +206,10 @@ def _candidates(m: int, interpret: bool) -> list[WqConfig]:
         mma = [WqConfig(16, bn, 128, w, 3, unpack=u) for bn, w in ((64, 4), (128, 4), (128, 8), (256, 8))
                for u in (1, 2)]
         mma += [WqConfig(16, 128, 128, 4, st, sk, unpack=2) for st, sk in ((3, 4), (3, 16), (4, 0), (2, 0))]
-        gemv = [WqConfig(1, bn, 128, w, 1, gemv=True, ng=ng) for bn, w, ng in ((16, 8, 8), (8, 8, 8), (16, 8, 4))]
+        # each won on one DeepSeek shape (H100 sweep, BENCH_H100.md): (8, 2, 8, 4) on 18432 x 7168, (32, 4, 4, 4)
+        # on 24576 x 1536, (8, 4, 8, 4) on 7168 x 2048, (16, 2, 8, 3) on 2048 x 7168
+        gemv = [WqConfig(1, bn, 128, w, st, gemv=True, ng=ng)
+                for bn, w, ng, st in ((8, 2, 8, 4), (16, 4, 8, 3), (32, 4, 4, 4), (8, 4, 8, 4), (16, 2, 8, 3))]
         return gemv + mma if m == 1 else mma
     if m <= 64:
         return [WqConfig(bm, bn, 128, 4, 3, unpack=u) for bm in (32, 64) for bn in (64, 128) for u in (0, 2)]
@@ -284,8 +290,8 @@ def launch_wq(
         y = F.linear(x, dequantize_to(weight, scale, zero_point, group_size, x.dtype))
         return y if out is None else out.copy_(y)
     wbits = 4 if weight.dtype == torch.int32 else 8
-    if cfg.gemv and (m != 1 or wbits != 4):
-        cfg = WqConfig(unpack=1)  # the GEMV handles one int4 row only
+    if cfg.gemv and (m != 1 or wbits != 4 or not _gemv_tma_ok(weight, group_size)):
+        cfg = WqConfig(unpack=1)  # the GEMV handles one int4 row only, in a layout TMA can describe
     if cfg.gemv:
         if out is None:
             out = torch.empty(m, n, dtype=x.dtype, device=x.device)
@@ -315,18 +321,38 @@ def launch_wq(
     return _splitk.finish(out, target, split)
 
 
+def _gemv_sub_words(group_size: int, g: int) -> int:
+    """Words per GEMV sub-block: one scale group's worth, at most 128 values (16 words)."""
+    return 16 if group_size == -1 else min(g, 128) // 8
+
+
+def _gemv_tma_ok(weight: torch.Tensor, group_size: int) -> bool:
+    """The GEMV's TMA view [N, K / (8 GW), GW] needs 16-byte rows and boxes and sub-blocks that tile K
+    and never straddle a scale group."""
+    k = weight.shape[1] * 8
+    g = resolve_group(group_size, k)
+    gw = _gemv_sub_words(group_size, g)
+    per_group = g // (gw * 8)  # sub-blocks per scale group: the kernel finds a group by a shift
+    return (
+        weight.dtype == torch.int32 and gw >= 4 and (k // 8) % gw == 0 and g % (gw * 8) == 0
+        and per_group & (per_group - 1) == 0 and tma_compatible(weight)
+    )
+
+
 def _launch_phase_gemv(
     x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, group_size: int,
     g: int, cfg: WqConfig, out: torch.Tensor,
 ) -> torch.Tensor:
-    """M = 1 through :func:`.gemv.w4_gemv_phase_kernel`, after one tiny pass that permutes x.
+    """M = 1 through :func:`.gemv.w4_gemv_tma_kernel`, after one tiny pass that permutes x.
 
-    Split-K only when N alone gives too few programs; splits are whole steps and never empty (an
-    empty split would still prefetch past K). A sub-block (GW words) never straddles a scale group.
+    Split-K only when N alone gives too few programs; splits are whole steps and never empty.
+    A sub-block (GW words) never straddles a scale group.
     """
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
     k = x.shape[1]
     n = weight.shape[0]
-    gw = 16 if group_size == -1 else min(g, 128) // 8
+    gw = _gemv_sub_words(group_size, g)
     step = cfg.ng * gw
     steps = triton.cdiv(k // 8, step)
     n_sub = steps * cfg.ng
@@ -340,11 +366,14 @@ def _launch_phase_gemv(
     split = triton.cdiv(steps, per)
     target, split_stride = _splitk.target(out, split)
     zp = zero_point if zero_point is not None else scale
-    w4_gemv_phase_kernel[(tiles, split)](
-        xp, xs, weight, scale, zp, target, n, k, g, per,
-        weight.stride(0), scale.stride(0), zp.stride(0), split_stride,
-        HAS_ZP=zero_point is not None, EVEN_K=(k // 8) % step == 0, INTERPRET=not x.is_cuda,
-        BLOCK_N=cfg.block_n, NG=cfg.ng, GW=gw, num_warps=cfg.num_warps, num_stages=1,
+    w3 = weight.as_strided((n, k // 8 // gw, gw), (weight.stride(0), gw, 1))
+    desc = TensorDescriptor(w3, list(w3.shape), list(w3.stride()), [cfg.block_n, cfg.ng, gw])
+    sub_shift = 20 if group_size == -1 else (g // (gw * 8)).bit_length() - 1  # per channel: one group
+    w4_gemv_tma_kernel[(tiles, split)](
+        xp, xs, desc, scale, zp, target, n, k, per, scale.stride(0), zp.stride(0), split_stride,
+        HAS_ZP=zero_point is not None, INTERPRET=not x.is_cuda, SUB_SHIFT=sub_shift,
+        BLOCK_N=cfg.block_n, NG=cfg.ng, GW=gw, STAGES=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return _splitk.finish(out, target, split)
 

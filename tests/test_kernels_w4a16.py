@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from squeeze.kernels import _tuning, dequantize_weight, linear_w4a16, linear_w8a16, pack_int4
+from squeeze.kernels import _tuning, dequantize_weight, linear_w4a16, linear_w8a16, pack_int4, w4a16
 from squeeze.kernels._overlap import chunk_bounds
 from squeeze.kernels.reference import linear_wq_ref
 from squeeze.kernels.w4a16 import WqConfig, dequantize_to, launch_wq
@@ -54,8 +54,8 @@ def test_linear_matches_reference(case) -> None:
         WqConfig(16, 32, 64, 4, 1, unpack=1),
         WqConfig(16, 64, 128, 4, 1, split_k=2, unpack=2),
         WqConfig(dequant_cublas=True),
-        WqConfig(1, 32, 128, 4, 1, split_k=3, gemv=True, ng=1),
-        WqConfig(1, 16, 128, 4, 1, split_k=2, gemv=True, ng=2),
+        WqConfig(1, 32, 128, 4, 3, split_k=3, gemv=True, ng=1),
+        WqConfig(1, 16, 128, 4, 2, split_k=2, gemv=True, ng=2),
         WqConfig(16, 32, 32, 4, 1, split_k=2, prefetch=True),
         WqConfig(dequant_cublas=True, chunks=3),
         WqConfig(dequant_cublas=True, chunks=4, first_div=2, contig_out=True),
@@ -77,20 +77,37 @@ def test_every_strategy_writes_every_element(cfg: WqConfig, m: int, group: int, 
     "n,k,group,zp,dtype,ng,split",
     [
         (80, 512, 128, True, torch.bfloat16, 4, 0),
-        (72, 200, -1, False, torch.float16, 2, 0),  # K off the step, per channel
+        (72, 256, -1, False, torch.float16, 2, 0),  # per channel
         (50, 384, 32, True, torch.bfloat16, 2, 2),  # small groups, split-K
-        (40, 1280, 128, False, torch.bfloat16, 4, 0),  # last step half full
+        (40, 1280, 128, False, torch.bfloat16, 4, 0),  # last step half full (TMA zero-fills past K)
         (33, 1024, 64, False, torch.float16, 1, 3),
+        (24, 1024, 256, True, torch.bfloat16, 4, 0),  # two sub-blocks per scale group
     ],
 )
 def test_phase_gemv(n: int, k: int, group: int, zp: bool, dtype: torch.dtype, ng: int, split: int) -> None:
-    """The M = 1 nibble-phase GEMV (gemv.w4_gemv_phase_kernel) on random data, N and K off its blocks."""
+    """The M = 1 nibble-phase GEMV (gemv.w4_gemv_tma_kernel) on random data, N and K off its blocks."""
     x, w, scale, zero = make(1, n, k, group, zp, dtype, 4, seed=n)
     x = x * 3.0  # values far from 1 so an offset error shows
-    cfg = WqConfig(1, 16, 128, 4, 1, split_k=split, gemv=True, ng=ng)
+    assert w4a16._gemv_tma_ok(w, group)
+    cfg = WqConfig(1, 16, 128, 4, 3, split_k=split, gemv=True, ng=ng)
     out = launch_wq(x, w, scale, zero, group, cfg, out=poisoned(1, n, dtype=dtype))
     ref = linear_wq_ref(x.cpu(), w.cpu(), scale.cpu(), None if zero is None else zero.cpu(), group)
     assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("k,group,sliced", [(200, -1, False), (512, 16, False), (512, 128, True)])
+def test_gemv_falls_back_where_tma_cannot_describe_the_weight(k: int, group: int, sliced: bool) -> None:
+    """Per-channel K off 128 values, 16-value groups (8-byte boxes) and a weight view whose base is not
+    16-byte aligned must not reach the TMA GEMV; the GEMV config then runs the MMA kernel, exactly."""
+    x, w, scale, zero = make(1, 40, k, group, True, torch.bfloat16, 4, seed=k)
+    if sliced:  # a view starting one word into a wider packed tensor: base 4 bytes off alignment
+        wide = torch.cat([w[:, :1], w], dim=1)
+        w = wide[:, 1:]
+    assert not w4a16._gemv_tma_ok(w, group)
+    cfg = WqConfig(1, 16, 128, 4, 3, gemv=True, ng=2)
+    out = launch_wq(x, w, scale, zero, group, cfg, out=poisoned(1, 40, dtype=torch.bfloat16))
+    ref = linear_wq_ref(x.cpu(), w.cpu().contiguous(), scale.cpu(), zero.cpu(), group)
+    assert rel_err(out, ref) < TOL[torch.bfloat16]
 
 
 @pytest.mark.parametrize("bits,zp", [(4, True), (4, False), (8, True)])
