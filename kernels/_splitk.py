@@ -2,13 +2,18 @@
 
 Small-M GEMMs have few output tiles; splitting K gives every SM a share of the weight stream.
 Partial sums go to an fp32 workspace [split, M, N] (each element written exactly once, so the
-tests can poison it) and are reduced by torch afterwards.
+tests can poison it) and are reduced afterwards by one small Triton kernel that also casts into
+``out``: torch's ``out.copy_(ws.sum(0))`` is two launches (sum, then cast-copy), and at decode
+sizes each launch costs about as much as the reduction itself.
 """
 
 from __future__ import annotations
 
 import torch
 import triton
+import triton.language as tl
+
+from ._tl import cast_out
 
 
 def auto_split(tiles: int, k_blocks: int, sms: int, per_sm: int = 8) -> int:
@@ -34,5 +39,24 @@ def target(out: torch.Tensor, split: int) -> tuple[torch.Tensor, int]:
 def finish(out: torch.Tensor, written: torch.Tensor, split: int) -> torch.Tensor:
     """Reduce the workspace into ``out`` (no-op when the kernel wrote ``out`` directly)."""
     if split > 1:
-        out.copy_(written.sum(0))
+        m, n = out.shape
+        block = 1024
+        _sum_splits_kernel[(triton.cdiv(m * n, block),)](
+            written, out, split, m * n, n, out.stride(0), out.stride(1), INTERPRET=not out.is_cuda,
+            BLOCK=block, num_warps=4,
+        )
     return out
+
+
+@triton.jit
+def _sum_splits_kernel(
+    ws_ptr, out_ptr, SPLIT, numel, N, stride_om, stride_on, INTERPRET: tl.constexpr, BLOCK: tl.constexpr
+):
+    """out[i] = sum over s of ws[s, i] (contiguous fp32 [SPLIT, M, N]) in fp32, cast to out's dtype."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(SPLIT):
+        acc += tl.load(ws_ptr + s * numel + offs, mask=mask, other=0.0)
+    y = cast_out(acc, out_ptr.dtype.element_ty, INTERPRET)
+    tl.store(out_ptr + (offs // N) * stride_om + (offs % N) * stride_on, y, mask=mask)

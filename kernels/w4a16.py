@@ -11,10 +11,10 @@ Design:
   The group scale is applied to the [BLOCK_N, BLOCK_M] partial result, not to every weight, which
   is why a K-block never straddles a group (BLOCK_K divides the group size).
 * Split-K for small M x small N so that every SM streams weights; partials go to an fp32
-  workspace that torch sums. For large M, the tuner may instead pick "dequantize the whole weight
-  once to bf16, then cuBLAS" (:func:`dequantize_to`), or the same in N chunks with each chunk's
-  dequant on a side stream overlapping cuBLAS on the previous chunk (``_overlap.py``), whichever
-  is faster on the device.
+  workspace that one small kernel sums (_splitk.py). For large M, the tuner may instead pick
+  "dequantize the whole weight once to bf16, then cuBLAS" (:func:`dequantize_to`), or the same in
+  N chunks with each chunk's dequant on a side stream overlapping cuBLAS on the previous chunk
+  (``_overlap.py``), whichever is faster on the device.
 
 Measured on an H100 (BENCH_H100.md): decode of (18432, 7168) at M = 1 runs at ~38 us through the
 nibble-phase CUDA-core GEMV fed by TMA (gemv.py; 1.8 TB/s of int4 weights, 1.65x the 23 us bandwidth floor); at
