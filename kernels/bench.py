@@ -284,7 +284,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--section", choices=["linear", "moe", "all", "w4large", "anchors"], default="all")
     ap.add_argument("--out", help="also write the tables as markdown here")
-    ap.add_argument("--ms", help="comma-separated M values for the linear section (default: all)")
+    ap.add_argument("--ms", help="comma-separated M values for the linear and anchors sections (default: all)")
     args = ap.parse_args()
     if args.ms:
         MS[:] = [int(v) for v in args.ms.split(",")]

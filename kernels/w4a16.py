@@ -16,16 +16,15 @@ Design:
   N chunks with each chunk's dequant on a side stream overlapping cuBLAS on the previous chunk
   (``_overlap.py``), whichever is faster on the device.
 
-Measured on an H100 (BENCH_H100.md): decode of (18432, 7168) at M = 1 runs at ~38 us through the
-nibble-phase CUDA-core GEMV fed by TMA (gemv.py; 1.8 TB/s of int4 weights, 1.65x the 23 us bandwidth floor); at
-M = 16 these MMA kernels take ~67 us (1.1 TB/s): the unpack and the conversion of the dequantized
-tile into the MMA register layout, not memory, bound them. A variant that unpacks two nibble planes
-per integer op (bf16x2 halves split by inline PTX) measured the same (66.6 vs 67.1 us), which
-suggests the layout conversion, not the integer ops, is the cost (not profiled); feeding the words
-through a TMA shared-memory ring (as the GEMV does) did not help either (68-110 us, ncu: 35% DRAM
-throughput, issue-bound on the conversion). Getting near the
-floor at M = 16 likely needs a Marlin-style pre-shuffled weight layout (one more offline repack),
-which this kernel avoids so that checkpoints load unchanged.
+Measured on an H100 (BENCH_H100.md): decode of (18432, 7168) at M = 1 runs at 38-40 us through the
+nibble-phase CUDA-core GEMV fed by TMA (gemv.py; 1.7-1.8 TB/s of int4 weights, 1.7x the 23 us floor);
+at M = 16 these MMA kernels take ~67 us (1.1 TB/s; ncu: 35% of DRAM bandwidth at 27% occupancy, 96
+registers): the unpack and the conversion of the dequantized tile into the MMA register layout, not
+memory, bound them. A variant that unpacks two nibble planes per integer op (bf16x2 halves split by
+inline PTX) measured the same (66.6 vs 67.1 us), and feeding the words through a TMA shared-memory
+ring as the GEMV does did not help either (68-110 us over 24 tile / stage / unpack variants).
+Getting near the floor at M = 16 likely needs a Marlin-style pre-shuffled weight layout (one more
+offline repack), which this kernel avoids so that checkpoints load unchanged.
 """
 
 from __future__ import annotations
@@ -183,8 +182,8 @@ class WqConfig:
     split_k: int = 0  # 0: choose from the grid size
     dequant_cublas: bool = False
     unpack: int = 0  # int4 unpacking: 0 reshape, 1 join tree, 2 K-permuted MMAs (see _tl.py)
-    gemv: bool = False  # M = 1 only: CUDA-core nibble-phase GEMV fed by TMA (gemv.py), block_n rows per program,
-    # num_stages deep shared-memory ring
+    # M = 1 only: CUDA-core nibble-phase GEMV fed by TMA (gemv.py), block_n rows per program, num_stages deep ring
+    gemv: bool = False
     ng: int = 8  # with gemv: sub-blocks (<= 128 values, inside one scale group) per step
     prefetch: bool = False  # MMA kernel: load the next K block's int4 words while this one computes
     # chunks > 0: dequantize N in that many chunks on a side stream, overlapped with cuBLAS on the
@@ -333,10 +332,8 @@ def _gemv_tma_ok(weight: torch.Tensor, group_size: int) -> bool:
     g = resolve_group(group_size, k)
     gw = _gemv_sub_words(group_size, g)
     per_group = g // (gw * 8)  # sub-blocks per scale group: the kernel finds a group by a shift
-    return (
-        weight.dtype == torch.int32 and gw >= 4 and (k // 8) % gw == 0 and g % (gw * 8) == 0
-        and per_group & (per_group - 1) == 0 and tma_compatible(weight)
-    )
+    group_ok = group_size == -1 or (g % (gw * 8) == 0 and per_group & (per_group - 1) == 0)
+    return weight.dtype == torch.int32 and gw >= 4 and (k // 8) % gw == 0 and group_ok and tma_compatible(weight)
 
 
 def _launch_phase_gemv(
