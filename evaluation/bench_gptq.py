@@ -175,7 +175,7 @@ def build(work: Path, spec: ToySpec, train_steps: int, num_samples: int, seq_len
     from squeeze.data import load_text, token_windows
     from squeeze.model.tokenizer import load_tokenizer
     from squeeze.model.toy import make_toy
-    from squeeze.quant.pipeline import _calibration_batches
+    from squeeze.quant.pipeline import calibration_batches
     from squeeze.recipe import recipe_from_flags
 
     model = work / "model"
@@ -183,7 +183,7 @@ def build(work: Path, spec: ToySpec, train_steps: int, num_samples: int, seq_len
         make_toy(model, spec, train_steps=train_steps, max_shard_bytes=256 * 1024**2, overwrite=True)
     rec = recipe_from_flags("gptq", 4, 128)
     rec.calibration.num_samples, rec.calibration.seq_len = num_samples, seq_len
-    calib = torch.cat(_calibration_batches(model, rec))
+    calib = torch.cat(calibration_batches(model, rec))
     tok = load_tokenizer(model)
     heldout = token_windows(tok.encode(load_text("corpus:heldout")).ids, 128, heldout_windows)
     return model, calib, heldout

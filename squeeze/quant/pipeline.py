@@ -182,7 +182,9 @@ def plan(reader: CheckpointReader, recipe: Recipe) -> tuple[dict[str, Target], d
     return targets, methods
 
 
-def _calibration_batches(model_dir: Path, recipe: Recipe) -> list[torch.Tensor]:
+def calibration_batches(model_dir: Path, recipe: Recipe) -> list[torch.Tensor]:
+    """The recipe's calibration windows as [batch, seq_len] token-id batches (shared with QAT, which
+    must see the same data as the post-training methods it is compared with)."""
     cal = recipe.calibration
     if cal.num_samples < 1 or cal.seq_len < 2:
         raise SqueezeError("--num-samples must be >= 1 and --seq-len >= 2")
@@ -191,7 +193,7 @@ def _calibration_batches(model_dir: Path, recipe: Recipe) -> list[torch.Tensor]:
     return list(windows.split(cal.batch_size))
 
 
-def _out_dtype(reader: CheckpointReader, name: str) -> torch.dtype:
+def unquantized_dtype(reader: CheckpointReader, name: str) -> torch.dtype:
     """Unquantized tensors keep fp32 where stored so (e.g. the router bias), else bf16."""
     return torch.float32 if name in reader and reader.stored_dtype(name) == "F32" else torch.bfloat16
 
@@ -216,7 +218,7 @@ def quantize_checkpoint(model_dir: str | Path, out_dir: str | Path, recipe: Reci
     if calibration_ids is not None:
         batches = list(calibration_ids.split(recipe.calibration.batch_size))
     else:
-        batches = _calibration_batches(model_dir, recipe)
+        batches = calibration_batches(model_dir, recipe)
     rope = RotaryTable(cfg)
     # the statistics pass runs its matmuls in this dtype; the pass computing the quantized layer's outputs
     # stays fp32: there every expert sees a different token count, and each new bf16 GEMM shape adds a
@@ -233,7 +235,7 @@ def quantize_checkpoint(model_dir: str | Path, out_dir: str | Path, recipe: Reci
             globals_.append("lm_head.weight")
         top = reader.read(globals_, torch.float32)
         hs = [F.embedding(b, top["model.embed_tokens.weight"]) for b in batches]
-        writer.add_many({n: t.to(_out_dtype(reader, n)) for n, t in top.items()})
+        writer.add_many({n: t.to(unquantized_dtype(reader, n)) for n, t in top.items()})
         del top
 
         if progress is not None:
@@ -301,7 +303,7 @@ def quantize_checkpoint(model_dir: str | Path, out_dir: str | Path, recipe: Reci
                 tensors: dict[str, torch.Tensor] = {}
                 for local, tensor in layer.state_dict().items():
                     name = prefix + local
-                    tensors[name] = tensor.to(_out_dtype(reader, name))
+                    tensors[name] = tensor.to(unquantized_dtype(reader, name))
                 for t in mine:
                     tensors.update(export_tensors(t.name, chosen[t.name], layout))
                 writer.add_many(tensors)

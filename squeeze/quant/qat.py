@@ -52,11 +52,11 @@ from squeeze.quant.pipeline import (
     SUMMARY_FILE,
     LayerReport,
     QuantizeReport,
-    _calibration_batches,
-    _out_dtype,
+    calibration_batches,
     peak_rss_bytes,
     plan,
     proc_bytes,
+    unquantized_dtype,
 )
 from squeeze.quant.scheme import QuantScheme
 from squeeze.recipe import Recipe, Rule
@@ -304,7 +304,7 @@ def quantize_qat(model_dir: str | Path, out_dir: str | Path, recipe: Recipe, ove
     check_memory(reader)
     start = start_recipe(recipe, qat)
     plan(reader, start)  # validate regexes, schemes and the start method before loading anything
-    batches = _calibration_batches(model_dir, recipe)
+    batches = calibration_batches(model_dir, recipe)
     tok = load_tokenizer(model_dir)
     train_ids = torch.tensor(tok.encode(load_text(qat.dataset)).ids)
 
@@ -358,7 +358,7 @@ def quantize_qat(model_dir: str | Path, out_dir: str | Path, recipe: Recipe, ove
             module = name[: -len(".weight")] if name.endswith(".weight") else None
             if module in final:
                 continue
-            tensors[name] = state[name].detach().to(_out_dtype(reader, name))
+            tensors[name] = state[name].detach().to(unquantized_dtype(reader, name))
         writer.add_many(tensors)
         for name, qw in final.items():
             writer.add_many(export_tensors(name, qw, layout))
