@@ -62,3 +62,14 @@ def tma_compatible(t: torch.Tensor) -> bool:
     return (
         t.dim() == 2 and t.stride(1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * size) % 16 == 0
     )
+
+
+def row_blocks_descriptor(t: torch.Tensor, inner: int, block: tuple[int, int]):
+    """A TMA descriptor over a row-major [N, C] tensor viewed as [N, C / inner, inner], with boxes of
+    [block[0] rows, block[1] chunks, inner]: one load brings several inner-wide chunks of several rows,
+    and rows or chunks past the end arrive as zeros. Needs :func:`tma_compatible` and inner | C."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    n, c = t.shape
+    view = t.as_strided((n, c // inner, inner), (t.stride(0), inner, 1))
+    return TensorDescriptor(view, list(view.shape), list(view.stride()), [block[0], block[1], inner])

@@ -28,6 +28,15 @@ def auto_split(tiles: int, k_blocks: int, sms: int, per_sm: int = 8) -> int:
     return max(1, min(triton.cdiv(per_sm * sms, tiles), k_blocks // 4, 32))
 
 
+def gemv_split(tiles: int, steps: int, sms: int, forced: int = 0) -> tuple[int, int]:
+    """(splits, steps per split) for the M = 1 GEMVs: split K only when N alone gives fewer than ~4
+    programs per SM; splits are whole steps and never empty (``forced`` > 0: that many, at most)."""
+    want = 4 * sms
+    split = forced or (1 if tiles >= want else min(triton.cdiv(want, tiles), steps))
+    per = triton.cdiv(steps, split)
+    return triton.cdiv(steps, per), per
+
+
 def target(out: torch.Tensor, split: int) -> tuple[torch.Tensor, int]:
     """Where the kernel writes: ``out`` itself, or an fp32 workspace; plus its split stride."""
     if split == 1:

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from . import _splitk, _tuning
-from ._dispatch import Backend, num_sms, tma_compatible, use_triton
+from ._dispatch import Backend, num_sms, row_blocks_descriptor, tma_compatible, use_triton
 from ._tl import cast_out, grouped_tile, mma, split_k_range, to_fp8e4
 from .gemv import fp8_gemv_kernel, fp8_gemv_tma_kernel
 from .reference import FP8_BLOCK, FP8_MAX, linear_fp8_block_ref
@@ -254,22 +254,15 @@ def _launch_wide_gemv(
     x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor, cfg: Fp8Config, out: torch.Tensor | None
 ) -> torch.Tensor:
     """M = 1 through :func:`.gemv.fp8_gemv_tma_kernel`, x quantized by one tiny pass first (K % 128 == 0)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
     k = x.shape[1]
     n = w.shape[0]
     if out is None:
         out = torch.empty(1, n, dtype=x.dtype, device=x.device)
     xq, xs = quant_fp8_act(x)
-    steps = triton.cdiv(k, cfg.nb * FP8_BLOCK)
     tiles = triton.cdiv(n, cfg.block_n)
-    want = 4 * num_sms(x.device)
-    split = cfg.split_k or (1 if tiles >= want else min(triton.cdiv(want, tiles), steps))
-    per = triton.cdiv(steps, split)
-    split = triton.cdiv(steps, per)  # no empty split
+    split, per = _splitk.gemv_split(tiles, triton.cdiv(k, cfg.nb * FP8_BLOCK), num_sms(x.device), cfg.split_k)
     target, split_stride = _splitk.target(out, split)
-    w3 = w.as_strided((n, k // FP8_BLOCK, FP8_BLOCK), (w.stride(0), FP8_BLOCK, 1))
-    desc = TensorDescriptor(w3, list(w3.shape), list(w3.stride()), [cfg.block_n, cfg.nb, FP8_BLOCK])
+    desc = row_blocks_descriptor(w, FP8_BLOCK, (cfg.block_n, cfg.nb))
     fp8_gemv_tma_kernel[(tiles, split)](
         xq, xs, desc, scale_inv, target, n, k, per, scale_inv.stride(0), split_stride,
         INTERPRET=not x.is_cuda, BLOCK_N=cfg.block_n, NB=cfg.nb, STAGES=cfg.num_stages,

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from . import _overlap, _splitk, _tuning
-from ._dispatch import Backend, num_sms, tma_compatible, use_triton
+from ._dispatch import Backend, num_sms, row_blocks_descriptor, tma_compatible, use_triton
 from ._tl import cast_out, grouped_tile, int4_dot_permuted, int4_words_to_magic, mma, split_k_range
 from .gemv import w4_gemv_tma_kernel, x_phase_kernel
 from .reference import linear_wq_ref, resolve_group
@@ -342,29 +342,21 @@ def _launch_phase_gemv(
 ) -> torch.Tensor:
     """M = 1 through :func:`.gemv.w4_gemv_tma_kernel`, after one tiny pass that permutes x.
 
-    Split-K only when N alone gives too few programs; splits are whole steps and never empty.
-    A sub-block (GW words) never straddles a scale group.
+    A sub-block (GW words) never straddles a scale group (``_gemv_tma_ok`` checked that).
     """
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
     k = x.shape[1]
     n = weight.shape[0]
     gw = _gemv_sub_words(group_size, g)
-    step = cfg.ng * gw
-    steps = triton.cdiv(k // 8, step)
+    steps = triton.cdiv(k // 8, cfg.ng * gw)
     n_sub = steps * cfg.ng
     xp = torch.empty(n_sub * gw * 8, dtype=torch.float32, device=x.device)
     xs = torch.empty(n_sub, dtype=torch.float32, device=x.device)
     x_phase_kernel[(n_sub,)](x, xp, xs, k, GW=gw, num_warps=1)
     tiles = triton.cdiv(n, cfg.block_n)
-    want = 4 * num_sms(x.device)
-    split = cfg.split_k or (1 if tiles >= want else min(triton.cdiv(want, tiles), steps))
-    per = triton.cdiv(steps, split)
-    split = triton.cdiv(steps, per)
+    split, per = _splitk.gemv_split(tiles, steps, num_sms(x.device), cfg.split_k)
     target, split_stride = _splitk.target(out, split)
     zp = zero_point if zero_point is not None else scale
-    w3 = weight.as_strided((n, k // 8 // gw, gw), (weight.stride(0), gw, 1))
-    desc = TensorDescriptor(w3, list(w3.shape), list(w3.stride()), [cfg.block_n, cfg.ng, gw])
+    desc = row_blocks_descriptor(weight, gw, (cfg.block_n, cfg.ng))
     sub_shift = 20 if group_size == -1 else (g // (gw * 8)).bit_length() - 1  # per channel: one group
     w4_gemv_tma_kernel[(tiles, split)](
         xp, xs, desc, scale, zp, target, n, k, per, scale.stride(0), zp.stride(0), split_stride,
