@@ -20,8 +20,9 @@ those bytes to registers: the int4 kernel needed 80 registers, so 3 programs per
 and ncu showed warps stalled on the loads 47% of the time at 1.4 TB/s (46 us on (18432, 7168)).
 A TMA descriptor load inside ``tl.range(num_stages=S)`` is pipelined by Triton into an S-deep
 shared-memory ring filled by the copy engine, so the bytes in flight no longer cost registers:
-38 us there (1.8 TB/s), and 16 vs 23 us on (24576, 1536). The same change to the MMA kernels
-(w4a16.py) gained nothing: they are bound by the dequant-to-MMA layout conversion, not by latency.
+38-40 us there (1.7-1.8 TB/s), and 16-20 vs 23 us on (24576, 1536) in same-run sweeps. The same
+change to the MMA kernels (w4a16.py) gained nothing: they are bound by the dequant-to-MMA layout
+conversion, not by latency.
 Loading x through TMA as well was much slower (67 us): x is tiny and L1-resident.
 
 Split-K as in the GEMM kernels, into the same fp32 workspace.
