@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
 
 from ._tl import cast_out
 
@@ -45,23 +46,31 @@ def target(out: torch.Tensor, split: int) -> tuple[torch.Tensor, int]:
     return ws, ws.stride(0)
 
 
-def finish(out: torch.Tensor, written: torch.Tensor, split: int) -> torch.Tensor:
-    """Reduce the workspace into ``out`` (no-op when the kernel wrote ``out`` directly)."""
+def finish(out: torch.Tensor, written: torch.Tensor, split: int, pdl: bool = False) -> torch.Tensor:
+    """Reduce the workspace into ``out`` (no-op when the kernel wrote ``out`` directly).
+
+    ``pdl``: launch as a programmatic dependent of the kernel before (CUDA only), so its launch
+    overlaps that kernel's tail; it waits for the partial sums on the device.
+    """
     if split > 1:
         m, n = out.shape
         block = 1024
+        pdl = pdl and out.is_cuda
         _sum_splits_kernel[(triton.cdiv(m * n, block),)](
             written, out, split, m * n, n, out.stride(0), out.stride(1), INTERPRET=not out.is_cuda,
-            BLOCK=block, num_warps=4,
+            PDL=pdl, BLOCK=block, num_warps=4, launch_pdl=pdl,
         )
     return out
 
 
 @triton.jit
 def _sum_splits_kernel(
-    ws_ptr, out_ptr, SPLIT, numel, N, stride_om, stride_on, INTERPRET: tl.constexpr, BLOCK: tl.constexpr
+    ws_ptr, out_ptr, SPLIT, numel, N, stride_om, stride_on, INTERPRET: tl.constexpr, PDL: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """out[i] = sum over s of ws[s, i] (contiguous fp32 [SPLIT, M, N]) in fp32, cast to out's dtype."""
+    if PDL:
+        gdc_wait()
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     acc = tl.zeros((BLOCK,), dtype=tl.float32)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents
 
 from . import _splitk, _tuning
 from ._dispatch import Backend, num_sms, row_blocks_descriptor, tma_compatible, use_triton
@@ -30,8 +31,10 @@ from .reference import FP8_BLOCK, FP8_MAX, linear_fp8_block_ref
 @triton.jit
 def _fp8_act_quant_kernel(
     x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sk,
-    ROWS: tl.constexpr, BLOCK_K: tl.constexpr, FMAX: tl.constexpr, INTERPRET: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_K: tl.constexpr, FMAX: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:
+        gdc_launch_dependents()  # the GEMV after may launch now; it waits for these stores on the device
     offs_m = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
@@ -42,8 +45,11 @@ def _fp8_act_quant_kernel(
     tl.store(s_ptr + tl.program_id(1) * stride_sk + offs_m, s, mask=offs_m < M)
 
 
-def quant_fp8_act(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (fp8 [M, K], fp32 scales [ceil(K/128), M]) (note: K-block-major scales)."""
+def quant_fp8_act(x: torch.Tensor, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (fp8 [M, K], fp32 scales [ceil(K/128), M]) (note: K-block-major scales).
+
+    ``pdl``: the next kernel is launched as its programmatic dependent (sm_90+; CUDA only).
+    """
     m, k = x.shape
     kb = triton.cdiv(k, FP8_BLOCK)
     q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
@@ -51,7 +57,7 @@ def quant_fp8_act(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     rows = 4 if m >= 4 else 1
     _fp8_act_quant_kernel[(triton.cdiv(m, rows), kb)](
         x, q, s, m, k, x.stride(0), q.stride(0), s.stride(0), ROWS=rows, BLOCK_K=FP8_BLOCK, FMAX=FP8_MAX,
-        INTERPRET=not x.is_cuda,
+        INTERPRET=not x.is_cuda, PDL=pdl and x.is_cuda,
         num_warps=1 if rows == 1 else 2,
     )
     return q, s
@@ -258,17 +264,18 @@ def _launch_wide_gemv(
     n = w.shape[0]
     if out is None:
         out = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    xq, xs = quant_fp8_act(x)
+    pdl = x.is_cuda  # programmatic dependent launches (sm_90, as is the TMA this kernel needs)
+    xq, xs = quant_fp8_act(x, pdl)
     tiles = triton.cdiv(n, cfg.block_n)
     split, per = _splitk.gemv_split(tiles, triton.cdiv(k, cfg.nb * FP8_BLOCK), num_sms(x.device), cfg.split_k)
     target, split_stride = _splitk.target(out, split)
     desc = row_blocks_descriptor(w, FP8_BLOCK, (cfg.block_n, cfg.nb))
     fp8_gemv_tma_kernel[(tiles, split)](
         xq, xs, desc, scale_inv, target, n, k, per, scale_inv.stride(0), split_stride,
-        INTERPRET=not x.is_cuda, BLOCK_N=cfg.block_n, NB=cfg.nb, STAGES=cfg.num_stages,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        INTERPRET=not x.is_cuda, PDL=pdl, BLOCK_N=cfg.block_n, NB=cfg.nb, STAGES=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl,
     )
-    return _splitk.finish(out, target, split)
+    return _splitk.finish(out, target, split, pdl)
 
 
 def linear_fp8_block(

@@ -77,6 +77,9 @@ def _wq_gemm_kernel(
         k_first = tl.minimum(kb_start, tl.cdiv(K, BLOCK_K) - 1) * BLOCK_K
         w_first = w_ptr + rn[:, None] * stride_wn + (k_first // 8 + offs_kw)[None, :]
         p_pre = tl.load(w_first, mask=(k_first // 8 + offs_kw)[None, :] < K // 8, other=0)
+        s_pre = tl.load(s_ptr + rn * stride_sn + k_first // group_size)
+        if HAS_ZP:
+            z_pre = tl.load(z_ptr + rn * stride_zn + k_first // group_size)
     for kb in range(kb_start, kb_end):
         k0 = kb * BLOCK_K
         if EVEN_K:
@@ -114,9 +117,17 @@ def _wq_gemm_kernel(
             offset = 0.0
             d = mma(w, xt, INTERPRET)
         g = k0 // group_size
-        s = tl.load(s_ptr + rn * stride_sn + g).to(tl.float32)
+        if PREFETCH and WBITS == 4:  # the scales too: a bf16 load is too narrow for the pipeliner's cp.async
+            s = s_pre.to(tl.float32)
+            s_pre = tl.load(s_ptr + rn * stride_sn + kn // group_size)
+        else:
+            s = tl.load(s_ptr + rn * stride_sn + g).to(tl.float32)
         if HAS_ZP:
-            zoff = offset + tl.load(z_ptr + rn * stride_zn + g).to(tl.float32)
+            if PREFETCH and WBITS == 4:
+                zoff = offset + z_pre.to(tl.float32)
+                z_pre = tl.load(z_ptr + rn * stride_zn + kn // group_size)
+            else:
+                zoff = offset + tl.load(z_ptr + rn * stride_zn + g).to(tl.float32)
             xsum = tl.sum(xt.to(tl.float32), axis=0)
             acc += s[:, None] * (d - zoff[:, None] * xsum[None, :])
         elif WBITS == 4:
@@ -202,13 +213,16 @@ def _candidates(m: int, interpret: bool) -> list[WqConfig]:
     if interpret:
         return [WqConfig(16, 32, 32, 4, 1)]
     if m <= 16:
-        mma = [WqConfig(16, bn, 128, w, 3, unpack=u) for bn, w in ((64, 4), (128, 4), (128, 8), (256, 8))
-               for u in (1, 2)]
-        mma += [WqConfig(16, 128, 128, 4, st, sk, unpack=2) for st, sk in ((3, 4), (3, 16), (4, 0), (2, 0))]
-        # each won on one DeepSeek shape (H100 sweep, BENCH_H100.md): (8, 2, 8, 4) on 18432 x 7168, (32, 4, 4, 4)
-        # on 24576 x 1536, (8, 4, 8, 4) on 7168 x 2048, (16, 2, 8, 3) on 2048 x 7168
+        mma = [WqConfig(16, bn, 128, w, 3, unpack=u, prefetch=True)
+               for bn, w in ((64, 4), (128, 4), (128, 8), (256, 8)) for u in (1, 2)]
+        mma += [WqConfig(16, 128, 128, 4, st, sk, unpack=2, prefetch=True)
+                for st, sk in ((3, 4), (3, 16), (4, 0), (2, 0))]
+        # GEMV (block_n, warps, ng, stages): in the H100 sweep after the nibble and scale-prefetch changes,
+        # (32, 2, 4, 3) won on 18432 x 7168 and 24576 x 1536, (8, 2, 8, 3) on the two small shapes; the
+        # others were within 3% somewhere. MMA kernels prefetch the next block's words and scales: 65.6
+        # vs 67.1 us at M = 16 on 18432 x 7168 (same run), within noise on the small shapes.
         gemv = [WqConfig(1, bn, 128, w, st, gemv=True, ng=ng)
-                for bn, w, ng, st in ((8, 2, 8, 4), (16, 4, 8, 3), (32, 4, 4, 4), (8, 4, 8, 4), (16, 2, 8, 3))]
+                for bn, w, ng, st in ((32, 2, 4, 3), (8, 2, 8, 3), (16, 2, 8, 3), (16, 2, 4, 4), (16, 4, 8, 3))]
         return gemv + mma if m == 1 else mma
     if m <= 64:
         return [WqConfig(bm, bn, 128, 4, 3, unpack=u) for bm in (32, 64) for bn in (64, 128) for u in (0, 2)]
@@ -336,6 +350,10 @@ def _gemv_tma_ok(weight: torch.Tensor, group_size: int) -> bool:
     return weight.dtype == torch.int32 and gw >= 4 and (k // 8) % gw == 0 and group_ok and tma_compatible(weight)
 
 
+# gemv._nibble's masks (nibble at bit 16 / 12) and the bits of 16.0 (run-time arguments, see the kernel)
+_NIBBLE_BITS = (0xF0000, 0xF000, 0x41800000)
+
+
 def _launch_phase_gemv(
     x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, group_size: int,
     g: int, cfg: WqConfig, out: torch.Tensor,
@@ -350,8 +368,9 @@ def _launch_phase_gemv(
     steps = triton.cdiv(k // 8, cfg.ng * gw)
     n_sub = steps * cfg.ng
     xp = torch.empty(n_sub * gw * 8, dtype=torch.float32, device=x.device)
-    xs = torch.empty(n_sub, dtype=torch.float32, device=x.device)
-    x_phase_kernel[(n_sub,)](x, xp, xs, k, GW=gw, num_warps=1)
+    xs = torch.empty(2 * n_sub, dtype=torch.float32, device=x.device)
+    pdl = x.is_cuda  # programmatic dependent launches (sm_90, as is the TMA this kernel needs)
+    x_phase_kernel[(n_sub,)](x, xp, xs, k, n_sub, GW=gw, PDL=pdl, num_warps=1)
     tiles = triton.cdiv(n, cfg.block_n)
     split, per = _splitk.gemv_split(tiles, steps, num_sms(x.device), cfg.split_k)
     target, split_stride = _splitk.target(out, split)
@@ -359,12 +378,13 @@ def _launch_phase_gemv(
     desc = row_blocks_descriptor(weight, gw, (cfg.block_n, cfg.ng))
     sub_shift = 20 if group_size == -1 else (g // (gw * 8)).bit_length() - 1  # per channel: one group
     w4_gemv_tma_kernel[(tiles, split)](
-        xp, xs, desc, scale, zp, target, n, k, per, scale.stride(0), zp.stride(0), split_stride,
-        HAS_ZP=zero_point is not None, INTERPRET=not x.is_cuda, SUB_SHIFT=sub_shift,
+        xp, xs, desc, scale, zp, target, n, k, per, scale.stride(0), zp.stride(0), split_stride, n_sub,
+        *_NIBBLE_BITS,
+        HAS_ZP=zero_point is not None, INTERPRET=not x.is_cuda, SUB_SHIFT=sub_shift, PDL=pdl,
         BLOCK_N=cfg.block_n, NG=cfg.ng, GW=gw, STAGES=cfg.num_stages,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl,
     )
-    return _splitk.finish(out, target, split)
+    return _splitk.finish(out, target, split, pdl)
 
 
 def linear_wq(

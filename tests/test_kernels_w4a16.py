@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
-from squeeze.kernels import _tuning, dequantize_weight, linear_w4a16, linear_w8a16, pack_int4, w4a16
+from squeeze.kernels import _tuning, dequantize_weight, gemv, linear_w4a16, linear_w8a16, pack_int4, w4a16
 from squeeze.kernels._overlap import chunk_bounds
 from squeeze.kernels.reference import linear_wq_ref
 from squeeze.kernels.w4a16 import WqConfig, dequantize_to, launch_wq
@@ -93,6 +95,26 @@ def test_phase_gemv(n: int, k: int, group: int, zp: bool, dtype: torch.dtype, ng
     out = launch_wq(x, w, scale, zero, group, cfg, out=poisoned(1, n, dtype=dtype))
     ref = linear_wq_ref(x.cpu(), w.cpu(), scale.cpu(), None if zero is None else zero.cpu(), group)
     assert rel_err(out, ref) < TOL[dtype]
+
+
+@triton.jit
+def _nibbles_kernel(w_ptr, out_ptr, N: tl.constexpr, MASK_EVEN, MASK_ODD, MAGIC):
+    p = tl.load(w_ptr + tl.arange(0, N))
+    for i in tl.static_range(8):
+        tl.store(out_ptr + i * N + tl.arange(0, N), gemv._nibble(p, i, MASK_EVEN, MASK_ODD, MAGIC))
+
+
+def test_nibble_floats_are_exact() -> None:
+    """gemv._nibble turns nibble i of a word into exactly 16 + u / c_i (c_i = 8 even, 128 odd), for
+    every nibble value at every position (words with the sign bit set included), as x_phase_kernel's
+    pre-scaling and offsets assume."""
+    words = randint(-(2**31), 2**31 - 1, 256, dtype=torch.int32, seed=5)
+    words[:16] = torch.arange(16, dtype=torch.int32) * 0x11111111  # all nibbles u, for each u
+    out = torch.empty(8, 256, dtype=torch.float32, device=DEVICE)
+    _nibbles_kernel[(1,)](words, out, 256, *w4a16._NIBBLE_BITS)
+    u = torch.stack([(words.long() >> (4 * i)) & 0xF for i in range(8)]).double()
+    c = torch.tensor([8.0 if i % 2 == 0 else 128.0 for i in range(8)], dtype=torch.float64)[:, None]
+    assert torch.equal(out.double().cpu(), (16 + u / c).cpu())
 
 
 @pytest.mark.parametrize("k,group,sliced", [(200, -1, False), (512, 16, False), (512, 128, True)])
