@@ -8,12 +8,13 @@ is used, which keeps CPU tests fast and deterministic.
 
 An op may pass ``check(candidate) -> bool`` (its output against the reference, on a NaN-poisoned
 output): a candidate that fails it (or raises) is never picked. If none passes, the first candidate is
-kept (it is the op's most general one).
+kept (it is the op's most general one) and a RuntimeWarning says so.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Hashable, Sequence
 from typing import TypeVar
 
@@ -30,15 +31,29 @@ def pick(
     launch: Callable[[C], object],
     on_cuda: bool,
     check: Callable[[C], bool] | None = None,
+    cold: Callable[[], list[Callable[[C], object]]] | None = None,
 ) -> C:
     """Return the candidate with the least GPU time for ``key`` (see :func:`_time`) among those that
-    pass ``check``, memoized."""
+    pass ``check``, memoized. ``cold`` (called once, only when tuning) returns more launchers like
+    ``launch``, each on its own copy of the op's weights (:func:`cold_copies`)."""
     if len(candidates) == 1 or not on_cuda or os.environ.get("SQUEEZE_KERNELS_NO_TUNE") == "1":
         return candidates[0]
     if key in _BEST:
         return _BEST[key]  # type: ignore[return-value]
-    ok = [_passes(check, cfg) for cfg in candidates]
-    times = [_time(lambda c=cfg: launch(c)) if good else float("inf") for cfg, good in zip(candidates, ok, strict=True)]
+    errors: list[str] = []
+    ok = [_passes(check, cfg, errors) for cfg in candidates]
+    if check is not None and not any(ok):  # a broken check once hid every decode candidate but the first
+        warnings.warn(
+            f"squeeze.kernels: no candidate for {key} passed the reference check "
+            f"({errors[0] if errors else 'wrong output'}); using the first",
+            RuntimeWarning, stacklevel=3,
+        )
+    extra = cold() if cold is not None else []
+    times = [
+        _time(lambda c=cfg: launch(c), [lambda c=cfg, f=f: f(c) for f in extra]) if good else float("inf")
+        for cfg, good in zip(candidates, ok, strict=True)
+    ]
+    del extra
     _TIMES[key] = list(zip(candidates, times, ok, strict=True))
     best_i = min(range(len(candidates)), key=times.__getitem__)
     best = candidates[0] if times[best_i] == float("inf") else candidates[best_i]
@@ -46,34 +61,64 @@ def pick(
     return best
 
 
-def _passes(check: Callable[[C], bool] | None, cfg: C) -> bool:
+def _passes(check: Callable[[C], bool] | None, cfg: C, errors: list[str]) -> bool:
     if check is None:
         return True
     try:
         return bool(check(cfg))
-    except Exception:  # a config that cannot run (e.g. too much shared memory) is not a candidate
+    except Exception as e:  # a config that cannot run (e.g. too much shared memory) is not a candidate
+        errors.append(f"{type(e).__name__}: {e}")
         return False
 
 
-def _time(fn: Callable[[], object]) -> float:
+def cold_copies(*tensors: object) -> list[tuple]:
+    """Copies of an op's weight operands for :func:`pick` to rotate through: enough that together they
+    fill twice the L2, so every timed call finds its weight out of L2 with no flush in between. None
+    (the flush is used) when the weights take a quarter of the L2 or more; non-tensors pass through."""
+    import torch
+
+    ts = [t for t in tensors if isinstance(t, torch.Tensor)]
+    nbytes = sum(t.numel() * t.element_size() for t in ts)
+    if not ts or not ts[0].is_cuda or nbytes == 0:
+        return []
+    l2 = torch.cuda.get_device_properties(ts[0].device).L2_cache_size
+    if 4 * nbytes >= l2:
+        return []
+    n = min(15, -(-2 * l2 // nbytes) - 1)
+    return [tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in tensors) for _ in range(n)]
+
+
+def _time(fn: Callable[[], object], extra: Sequence[Callable[[], object]] = ()) -> float:
     """GPU time of one call from cold L2: CUDA-graph replays when capturable (what decode pays), else do_bench.
 
     Eager timing would include the Python launch cost, which favours fewer launches over faster
-    kernels; a graph measures the kernels themselves. Each replay first reads a buffer twice the L2
-    size, and that read's own time is subtracted: a deep model's layer finds its weight out of L2
-    (the next layers' weights passed through it), while a weight that fits in L2 (24576 x 1536 int4
-    is 19 MB of the H100's 50) would otherwise be timed L2-resident. In the H100 run that introduced
-    it, it changed no M = 1 pick; ranks under ~15% still differ from the bench's rotating-copies
-    timing on small shapes (BENCH_H100.md). inf if the config cannot run at all.
+    kernels; a graph measures the kernels themselves. A deep model's layer finds its weight out of
+    L2 (the next layers' weights passed through it), so the weight must be cold here too. With
+    ``extra`` (the same call on other weight copies) the graph runs every copy in turn, as the
+    benchmark does, and the time is per call. Without, each replay first reads a buffer twice the L2
+    size, and that read's own time is subtracted; for a small weight the flush's own run-to-run noise
+    was as large as the differences between candidates (the tuner picked configs the benchmark timed
+    10-15% slower on 2048 x 7168 and 7168 x 2048 int4 weights), hence the copies there. inf if the
+    config cannot run at all.
     """
     import torch
     import triton.testing
 
+    calls = [fn, *extra]
     try:
-        fn()  # compile outside any capture
+        for f in calls:  # compile outside any capture
+            f()
         torch.cuda.synchronize()
     except Exception:  # e.g. a tile that exceeds shared memory on this GPU
         return float("inf")
+    if extra:
+        run_all = lambda: [f() for f in calls]  # noqa: E731
+        try:
+            t = triton.testing.do_bench_cudagraph(run_all, rep=20, return_mode="median")
+        except Exception:
+            torch.cuda.synchronize()
+            t = triton.testing.do_bench(run_all, warmup=5, rep=25, return_mode="median")
+        return t / len(calls)
     device = torch.cuda.current_device()
     l2 = torch.cuda.get_device_properties(device).L2_cache_size
     buf = torch.empty(max(1, l2 // 2), dtype=torch.float32, device="cuda")  # 2x L2 bytes

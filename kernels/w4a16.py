@@ -415,7 +415,11 @@ def linear_wq(
     run = lambda c: launch_wq(x2, weight, scale, zero_point, group_size, c)  # noqa: E731
     # built lazily: nothing may touch the host inside a CUDA-graph capture (a cached key never calls it)
     check = _checker(x2, weight, scale, zero_point, group_size) if x.is_cuda else None
-    cfg = _tuning.pick(key, cands, run, x.is_cuda, check)
+    cold = lambda: [  # noqa: E731
+        lambda c, o=o: launch_wq(x2, o[0], o[1], o[2], group_size, c)
+        for o in _tuning.cold_copies(weight, scale, zero_point)
+    ]
+    cfg = _tuning.pick(key, cands, run, x.is_cuda, check, cold)
     return launch_wq(x2, weight, scale, zero_point, group_size, cfg).reshape(*x.shape[:-1], n)
 
 
@@ -433,7 +437,7 @@ def _checker(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero_po
     ref: list[torch.Tensor] = []
 
     def check(cfg: WqConfig) -> bool:
-        rows = torch.cat([torch.arange(min(m, 16)), torch.arange(max(16, m - 16), m)]).to(x.device)
+        rows = torch.cat([torch.arange(min(m, 16)), torch.arange(min(m, max(16, m - 16)), m)]).to(x.device)
         if not ref:
             xs = x[rows]
             step = max(1, (1 << 26) // max(1, x.shape[1]))

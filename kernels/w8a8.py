@@ -156,6 +156,9 @@ def linear_w8a8(
     bucket = 1 << max(0, (m - 1).bit_length())
     key = ("w8a8", x.dtype, bucket, n, k)
     run = lambda c: launch_w8a8(xq, xs, weight, weight_scale, c, x.dtype)  # noqa: E731
-    cfg = _tuning.pick(key, _candidates(m, interpret=not x.is_cuda), run, x.is_cuda)
+    cold = lambda: [  # noqa: E731
+        lambda c, o=o: launch_w8a8(xq, xs, o[0], o[1], c, x.dtype) for o in _tuning.cold_copies(weight, weight_scale)
+    ]
+    cfg = _tuning.pick(key, _candidates(m, interpret=not x.is_cuda), run, x.is_cuda, cold=cold)
     return launch_w8a8(xq, xs, weight, weight_scale, cfg, x.dtype).reshape(*x.shape[:-1], n)
 

@@ -189,10 +189,46 @@ def test_overlapped_path_zero_point_fp16(chunks: int, first_div: int, bits: int)
 
 def test_tuner_skips_candidates_that_fail_the_check(monkeypatch) -> None:
     """The fastest candidate is not picked when its output is wrong; none passing keeps the first."""
-    monkeypatch.setattr(_tuning, "_time", lambda fn: fn())
+    monkeypatch.setattr(_tuning, "_time", lambda fn, extra=(): fn())
     times = {"a": 3.0, "b": 1.0, "c": 2.0}
     pick = lambda key, check: _tuning.pick(key, list(times), times.__getitem__, True, check)  # noqa: E731
     assert pick(("test-tuner", 1), lambda c: c != "b") == "c"
     assert pick(("test-tuner", 2), None) == "b"
-    assert pick(("test-tuner", 3), lambda c: False) == "a"
+    with pytest.warns(RuntimeWarning, match="no candidate"):
+        assert pick(("test-tuner", 3), lambda c: False) == "a"
     assert _tuning.timings()[("test-tuner", 1)][1] == ("b", float("inf"), False)
+
+
+@pytest.mark.parametrize("m", [1, 16, 40])
+def test_tuner_check_accepts_right_and_rejects_wrong_outputs(m: int, monkeypatch) -> None:
+    """The tuner's reference check passes a correct launch at any M (it raised for M < 16, so every
+    decode candidate was rejected and the first one kept) and fails one that leaves rows unwritten."""
+    x, w, scale, zero = make(m, 48, 256, 128, True, torch.bfloat16, 4, seed=m)
+    check = w4a16._checker(x, w, scale, zero, 128)
+    cfg = WqConfig(1, 16, 128, 4, 3, gemv=True, ng=2) if m == 1 else WqConfig(16, 32, 128, 4, 1)
+    assert check(cfg)
+    real = w4a16.launch_wq
+
+    def last_row_missed(x, *args, out=None):
+        real(x, *args, out=out)
+        out[-1, :] = float("nan")
+
+    monkeypatch.setattr(w4a16, "launch_wq", last_row_missed)
+    assert not check(cfg)
+
+
+def test_tuner_times_each_candidate_on_the_cold_copies_too(monkeypatch) -> None:
+    """``cold`` launchers (other weight copies) are built once per tuned key and timed with the candidate
+    they are given, alongside the main launch."""
+    monkeypatch.setattr(_tuning, "_time", lambda fn, extra=(): fn() + sum(f() for f in extra))
+    times = {"a": 3.0, "b": 1.0, "c": 2.0}
+    built = []
+
+    def cold():
+        built.append(1)
+        return [lambda c: {"a": 0.0, "b": 100.0, "c": 0.0}[c], lambda c: {"a": 0.0, "b": 0.0, "c": 0.5}[c]]
+
+    assert _tuning.pick(("test-tuner-cold", 1), list(times), times.__getitem__, True, None, cold) == "c"
+    assert [t for _, t, _ in _tuning.timings()[("test-tuner-cold", 1)]] == [3.0, 101.0, 2.5]
+    assert _tuning.pick(("test-tuner-cold", 1), list(times), times.__getitem__, True, None, cold) == "c"
+    assert len(built) == 1
