@@ -64,6 +64,14 @@ def tma_compatible(t: torch.Tensor) -> bool:
     )
 
 
+def tile_descriptor(t: torch.Tensor, block: tuple[int, int]):
+    """A TMA descriptor over a row-major [N, C] tensor with [block[0], block[1]] boxes; rows or
+    columns past the end arrive as zeros. Needs :func:`tma_compatible`."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), list(block))
+
+
 def row_blocks_descriptor(t: torch.Tensor, inner: int, block: tuple[int, int]):
     """A TMA descriptor over a row-major [N, C] tensor viewed as [N, C / inner, inner], with boxes of
     [block[0] rows, block[1] chunks, inner]: one load brings several inner-wide chunks of several rows,

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from . import _overlap, _splitk, _tuning
-from ._dispatch import Backend, num_sms, row_blocks_descriptor, tma_compatible, use_triton
+from ._dispatch import Backend, num_sms, tile_descriptor, tma_compatible, use_triton
 from ._tl import cast_out, grouped_tile, int4_dot_permuted, int4_words_to_magic, mma, split_k_range
 from .gemv import w4_gemv_tma_kernel, x_phase_kernel
 from .reference import linear_wq_ref, resolve_group
@@ -340,8 +340,8 @@ def _gemv_sub_words(group_size: int, g: int) -> int:
 
 
 def _gemv_tma_ok(weight: torch.Tensor, group_size: int) -> bool:
-    """The GEMV's TMA view [N, K / (8 GW), GW] needs 16-byte rows and boxes and sub-blocks that tile K
-    and never straddle a scale group."""
+    """The GEMV's TMA boxes need 16-byte aligned rows, and its GW-word sub-blocks must tile K and never
+    straddle a scale group (GW >= 4: a 16-byte sub-block)."""
     k = weight.shape[1] * 8
     g = resolve_group(group_size, k)
     gw = _gemv_sub_words(group_size, g)
@@ -375,7 +375,7 @@ def _launch_phase_gemv(
     split, per = _splitk.gemv_split(tiles, steps, num_sms(x.device), cfg.split_k)
     target, split_stride = _splitk.target(out, split)
     zp = zero_point if zero_point is not None else scale
-    desc = row_blocks_descriptor(weight, gw, (cfg.block_n, cfg.ng))
+    desc = tile_descriptor(weight, (cfg.block_n, cfg.ng * gw))
     sub_shift = 20 if group_size == -1 else (g // (gw * 8)).bit_length() - 1  # per channel: one group
     w4_gemv_tma_kernel[(tiles, split)](
         xp, xs, desc, scale, zp, target, n, k, per, scale.stride(0), zp.stride(0), split_stride, n_sub,
