@@ -96,10 +96,9 @@ def _time(fn: Callable[[], object], extra: Sequence[Callable[[], object]] = ()) 
     L2 (the next layers' weights passed through it), so the weight must be cold here too. With
     ``extra`` (the same call on other weight copies) the graph runs every copy in turn, as the
     benchmark does, and the time is per call. Without, each replay first reads a buffer twice the L2
-    size, and that read's own time is subtracted; for a small weight the flush's own run-to-run noise
-    was as large as the differences between candidates (the tuner picked configs the benchmark timed
-    10-15% slower on 2048 x 7168 and 7168 x 2048 int4 weights), hence the copies there. inf if the
-    config cannot run at all.
+    size, and that read's own time is subtracted. For a small weight that was off by up to 1 us, as
+    much as the gaps between candidates (H100, 7168 x 2048 int4 GEMV: 9.3 us against the benchmark's
+    8.3, the copies 8.1), hence the copies there. inf if the config cannot run at all.
     """
     import torch
     import triton.testing

@@ -16,9 +16,9 @@ Design:
   N chunks with each chunk's dequant on a side stream overlapping cuBLAS on the previous chunk
   (``_overlap.py``), whichever is faster on the device.
 
-Measured on an H100 (BENCH_H100.md): decode of (18432, 7168) at M = 1 runs at 38-40 us through the
-nibble-phase CUDA-core GEMV fed by TMA (gemv.py; 1.7-1.8 TB/s of int4 weights, 1.7x the 23 us floor);
-at M = 16 these MMA kernels take ~67 us (1.1 TB/s; ncu: 35% of DRAM bandwidth at 27% occupancy, 96
+Measured on an H100 (BENCH_H100.md): decode of (18432, 7168) at M = 1 runs at 31-33 us through the
+nibble-phase CUDA-core GEMV fed by TMA (gemv.py; 2.0-2.1 TB/s of int4 weights, 1.4x the 23 us floor);
+at M = 16 these MMA kernels take 64-67 us (1.1 TB/s; ncu: 35% of DRAM bandwidth at 27% occupancy, 96
 registers): the unpack and the conversion of the dequantized tile into the MMA register layout, not
 memory, bound them. A variant that unpacks two nibble planes per integer op (bf16x2 halves split by
 inline PTX) measured the same (66.6 vs 67.1 us), and feeding the words through a TMA shared-memory
