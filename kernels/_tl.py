@@ -109,15 +109,26 @@ def cast_out(y, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) of program `pid` in grouped order: GROUP_M row-blocks share each weight panel while
-    it is hot in L2, instead of every row-block sweeping all of N before the next starts."""
+def gemm_tile(M, N, K, SPLIT_K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              GROUP_M: tl.constexpr):
+    """This program's tile of a split-K GEMM grid (axis 0: tiles, axis 1: K splits):
+    (pid_k, pid_n, offs_m, offs_n, rm, rn, kb_start, kb_end). Tiles go in grouped order: GROUP_M row-blocks
+    share each weight panel while it is hot in L2, instead of every row-block sweeping all of N
+    before the next starts. rm / rn are the offsets clamped in bounds (loads need no mask; the
+    store masks), [kb_start, kb_end) the K-blocks of this split."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * num_n
     first_m = (pid // per_group) * GROUP_M
     gsize = min(num_m - first_m, GROUP_M)
-    return first_m + (pid % per_group) % gsize, (pid % per_group) // gsize
+    pid_m = first_m + (pid % per_group) % gsize
+    pid_n = (pid % per_group) // gsize
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    kb_start, kb_end = split_k_range(pid_k, K, SPLIT_K, BLOCK_K)
+    return pid_k, pid_n, offs_m, offs_n, tl.minimum(offs_m, M - 1), tl.minimum(offs_n, N - 1), kb_start, kb_end
 
 
 @triton.jit

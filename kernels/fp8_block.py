@@ -23,7 +23,7 @@ from triton.language.extra.cuda import gdc_launch_dependents
 
 from . import _splitk, _tuning
 from ._dispatch import Backend, num_sms, row_blocks_descriptor, tma_compatible, use_triton
-from ._tl import cast_out, grouped_tile, mma, split_k_range, to_fp8e4
+from ._tl import cast_out, gemm_tile, mma, to_fp8e4
 from .gemv import fp8_gemv_kernel, fp8_gemv_tma_kernel
 from .reference import FP8_BLOCK, FP8_MAX, linear_fp8_block_ref
 
@@ -72,16 +72,10 @@ def _fp8_block_gemm_kernel(
     FMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SCALAR_WS: tl.constexpr = False,
 ):
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = tl.minimum(offs_m, M - 1)
-    rn = tl.minimum(offs_n, N - 1)
+    pid_k, pid_n, offs_m, offs_n, rm, rn, kb_start, kb_end = gemm_tile(
+        M, N, K, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M
+    )
     offs_k = tl.arange(0, BLOCK_K)
-    kb_start, kb_end = split_k_range(pid_k, K, SPLIT_K, BLOCK_K)
 
     x_ptrs = xq_ptr + rm[None, :] * stride_xm + offs_k[:, None]  # [BLOCK_K, BLOCK_M]
     w_ptrs = w_ptr + rn[:, None] * stride_wn + offs_k[None, :]  # [BLOCK_N, BLOCK_K]

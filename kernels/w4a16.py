@@ -38,7 +38,7 @@ import triton.language as tl
 
 from . import _overlap, _splitk, _tuning
 from ._dispatch import Backend, num_sms, tile_descriptor, tma_compatible, use_triton
-from ._tl import cast_out, grouped_tile, int4_dot_permuted, int4_words_to_magic, mma, split_k_range
+from ._tl import cast_out, gemm_tile, int4_dot_permuted, int4_words_to_magic, mma
 from .gemv import w4_gemv_tma_kernel, x_phase_kernel
 from .reference import linear_wq_ref, resolve_group
 
@@ -56,18 +56,11 @@ def _wq_gemm_kernel(
     UNPACK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PREFETCH: tl.constexpr = False,
 ):
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = tl.minimum(offs_m, M - 1)  # clamped rows: in-bounds loads, results masked at the store
-    rn = tl.minimum(offs_n, N - 1)
+    pid_k, _, offs_m, offs_n, rm, rn, kb_start, kb_end = gemm_tile(
+        M, N, K, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M
+    )
     offs_k = tl.arange(0, BLOCK_K)
     offs_kw = tl.arange(0, BLOCK_K // 8)
-
-    kb_start, kb_end = split_k_range(pid_k, K, SPLIT_K, BLOCK_K)
 
     x_rows = x_ptr + rm[None, :] * stride_xm
     x_ptrs = x_rows + offs_k[:, None]  # x tile, transposed: [BLOCK_K, BLOCK_M]

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from . import _splitk, _tuning
 from ._dispatch import Backend, num_sms, use_triton
-from ._tl import cast_out, grouped_tile, split_k_range
+from ._tl import cast_out, gemm_tile
 from .reference import linear_w8a8_ref
 
 
@@ -58,16 +58,10 @@ def _w8a8_gemm_kernel(
     EVEN_K: tl.constexpr, GROUP_M: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = tl.minimum(offs_m, M - 1)
-    rn = tl.minimum(offs_n, N - 1)
+    pid_k, _, offs_m, offs_n, rm, rn, kb_start, kb_end = gemm_tile(
+        M, N, K, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M
+    )
     offs_k = tl.arange(0, BLOCK_K)
-    kb_start, kb_end = split_k_range(pid_k, K, SPLIT_K, BLOCK_K)
 
     x_ptrs = xq_ptr + rm[None, :] * stride_xm + offs_k[:, None]  # [BLOCK_K, BLOCK_M]
     w_ptrs = w_ptr + rn[:, None] * stride_wn + offs_k[None, :]  # [BLOCK_N, BLOCK_K]
