@@ -78,6 +78,22 @@ def fp8_gemv_kernel(
 
 
 @triton.jit
+def _gemv_program(N, STEPS, ITERS_PER_SPLIT, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+    """This GEMV program's share (axis 0: row blocks, axis 1: K splits): (pid_k, first row, row
+    offsets, row offsets clamped in bounds, first step, end step). PDL: the kernel was launched as a
+    programmatic dependent of the x pass before it; wait for that pass here, before any read of x,
+    and let the next kernel (the split-K sum) launch."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    pid_k = tl.program_id(1)
+    n0 = tl.program_id(0) * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    s_begin = pid_k * ITERS_PER_SPLIT
+    return pid_k, n0, offs_n, tl.minimum(offs_n, N - 1), s_begin, min(s_begin + ITERS_PER_SPLIT, STEPS)
+
+
+@triton.jit
 def fp8_gemv_tma_kernel(
     xq_ptr, xs_ptr, w_desc, ws_ptr, out_ptr,
     N, K, ITERS_PER_SPLIT, stride_wsn, stride_osplit,
@@ -90,18 +106,9 @@ def fp8_gemv_tma_kernel(
     programmatic dependent, waiting for it on the device). w_desc views the weight as [N, K / 128, 128]
     (block [BLOCK_N, NB, 128]); TMA zero-fills rows past N and blocks past K.
     """
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
-    pid_k = tl.program_id(1)
-    n0 = tl.program_id(0) * BLOCK_N
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    rn = tl.minimum(offs_n, N - 1)
-    offs_b = tl.arange(0, NB)
     STEP: tl.constexpr = NB * 128
-    steps = tl.cdiv(K, STEP)
-    s_begin = pid_k * ITERS_PER_SPLIT
-    s_end = min(s_begin + ITERS_PER_SPLIT, steps)
+    pid_k, n0, offs_n, rn, s_begin, s_end = _gemv_program(N, tl.cdiv(K, STEP), ITERS_PER_SPLIT, BLOCK_N, PDL)
+    offs_b = tl.arange(0, NB)
     k_tile = offs_b[:, None] * 128 + tl.arange(0, 128)[None, :]  # [NB, 128]
     ws_rows = ws_ptr + (rn // 128)[:, None] * stride_wsn
     kblocks = tl.cdiv(K, 128)
@@ -197,18 +204,9 @@ def w4_gemv_tma_kernel(
     PDL: launched as a programmatic dependent of :func:`x_phase_kernel`, so the launch and prologue
     overlap that pass; ``gdc_wait`` holds every read of x until it has finished.
     """
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
-    pid_k = tl.program_id(1)
-    n0 = tl.program_id(0) * BLOCK_N
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    rn = tl.minimum(offs_n, N - 1)
-    offs_g = tl.arange(0, NG)
     STEP: tl.constexpr = NG * GW  # words per row per step
-    steps = tl.cdiv(K // 8, STEP)
-    s_begin = pid_k * ITERS_PER_SPLIT
-    s_end = min(s_begin + ITERS_PER_SPLIT, steps)
+    pid_k, n0, offs_n, rn, s_begin, s_end = _gemv_program(N, tl.cdiv(K // 8, STEP), ITERS_PER_SPLIT, BLOCK_N, PDL)
+    offs_g = tl.arange(0, NG)
     last_group = (K // 8 - 1) // (GW << SUB_SHIFT)
     x_tile = offs_g[:, None] * (GW * 8) + tl.arange(0, GW)[None, :]  # phase 0 of each sub-block in xp
     acc = tl.zeros((BLOCK_N, NG, GW), dtype=tl.float32)
