@@ -58,7 +58,7 @@ def _w8a8_gemm_kernel(
     EVEN_K: tl.constexpr, GROUP_M: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_k, _, offs_m, offs_n, rm, rn, kb_start, kb_end = gemm_tile(
+    pid_k, pid_n, offs_m, offs_n, rm, rn, kb_start, kb_end = gemm_tile(
         M, N, K, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M
     )
     offs_k = tl.arange(0, BLOCK_K)
