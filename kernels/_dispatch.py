@@ -64,9 +64,9 @@ def tma_compatible(t: torch.Tensor) -> bool:
     )
 
 
-def tile_descriptor(t: torch.Tensor, block: tuple[int, int]):
-    """A TMA descriptor over a row-major [N, C] tensor with [block[0], block[1]] boxes; rows or
-    columns past the end arrive as zeros. Needs :func:`tma_compatible`."""
+def tile_descriptor(t: torch.Tensor, block: tuple[int, ...]):
+    """A TMA descriptor over ``t`` (innermost stride 1) with boxes of shape ``block``; elements past
+    the end of any dimension arrive as zeros. Needs :func:`tma_compatible`."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     return TensorDescriptor(t, list(t.shape), list(t.stride()), list(block))
@@ -76,8 +76,5 @@ def row_blocks_descriptor(t: torch.Tensor, inner: int, block: tuple[int, int]):
     """A TMA descriptor over a row-major [N, C] tensor viewed as [N, C / inner, inner], with boxes of
     [block[0] rows, block[1] chunks, inner]: one load brings several inner-wide chunks of several rows,
     and rows or chunks past the end arrive as zeros. Needs :func:`tma_compatible` and inner | C."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
     n, c = t.shape
-    view = t.as_strided((n, c // inner, inner), (t.stride(0), inner, 1))
-    return TensorDescriptor(view, list(view.shape), list(view.stride()), [block[0], block[1], inner])
+    return tile_descriptor(t.as_strided((n, c // inner, inner), (t.stride(0), inner, 1)), (*block, inner))

@@ -430,7 +430,7 @@ def _checker(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero_po
     ref: list[torch.Tensor] = []
 
     def check(cfg: WqConfig) -> bool:
-        rows = torch.cat([torch.arange(min(m, 16)), torch.arange(min(m, max(16, m - 16)), m)]).to(x.device)
+        rows = torch.cat([torch.arange(min(m, 16)), torch.arange(max(min(m, 16), m - 16), m)]).to(x.device)
         if not ref:
             xs = x[rows]
             step = max(1, (1 << 26) // max(1, x.shape[1]))
