@@ -7,15 +7,15 @@ import triton.language as tl
 
 
 @triton.jit
-def mma(a, b, INTERPRET: tl.constexpr):
+def mma(a, b, INTERPRET: tl.constexpr, acc=None):
     """tl.dot with fp32 accumulation; in the CPU interpreter, through fp32 operands.
 
     Triton 3.9's interpreter keeps bf16 as raw uint16 bits and multiplies those bits in tl.dot,
     so there the operands are upcast first (exact for bf16/fp16). On the GPU this is a plain MMA.
     """
     if INTERPRET:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32))
-    return tl.dot(a, b)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -78,6 +78,39 @@ def int4_dot_permuted(
         else:
             d += part
     return d
+
+
+@triton.jit
+def int4_plane16(p, i: tl.constexpr, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """Nibble i of 16-bit words (4 nibbles each) as the signed value u - 8, exactly, in DTYPE.
+
+    Kept purely elementwise at 16 bits (no narrowing cast, one unary op on the GPU), so Triton's
+    dot-operand optimization can load the words from shared memory straight into the wgmma
+    A-operand registers and dequantize there. On the GPU one inline-PTX op handles two words per
+    32-bit register: shift, and-or the nibble into the mantissa of 128.0 (bf16) / 1024.0 (fp16),
+    where one ulp is 1, then subtract 136 / 1032 with a packed fma: 3 instructions per 2 values.
+    """
+    if DTYPE == tl.bfloat16:  # noqa: SIM300 (a constexpr comparison; the dtype must stay on the left)
+        magic: tl.constexpr = 0x4300
+        off: tl.constexpr = 136.0
+        dq: tl.constexpr = ("lop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA; mov.b32 one, 0x3F803F80; "
+                            "mov.b32 off, 0xC308C308; fma.rn.bf16x2 $0, t, one, off; }")
+    else:
+        magic: tl.constexpr = 0x6400
+        off: tl.constexpr = 1032.0
+        dq: tl.constexpr = ("lop3.b32 t, t, 0x000F000F, 0x64006400, 0xEA; mov.b32 one, 0x3C003C00; "
+                            "mov.b32 off, 0xE408E408; fma.rn.f16x2 $0, t, one, off; }")
+    if INTERPRET:
+        return ((((p >> (4 * i)) & 0xF) | magic).to(DTYPE, bitcast=True).to(tl.float32) - off).to(DTYPE)
+    if i == 0:
+        shift: tl.constexpr = "{ .reg .b32 t, one, off; mov.b32 t, $1; "
+    elif i == 1:
+        shift: tl.constexpr = "{ .reg .b32 t, one, off; shr.b32 t, $1, 4; "
+    elif i == 2:
+        shift: tl.constexpr = "{ .reg .b32 t, one, off; shr.b32 t, $1, 8; "
+    else:
+        shift: tl.constexpr = "{ .reg .b32 t, one, off; shr.b32 t, $1, 12; "
+    return tl.inline_asm_elementwise(shift + dq, "=r,r", [p], dtype=DTYPE.value, is_pure=True, pack=2)
 
 
 @triton.jit

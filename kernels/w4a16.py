@@ -35,10 +35,11 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from . import _overlap, _splitk, _tuning
 from ._dispatch import Backend, num_sms, tile_descriptor, tma_compatible, use_triton
-from ._tl import cast_out, gemm_tile, int4_dot_permuted, int4_words_to_magic, mma
+from ._tl import cast_out, gemm_tile, int4_dot_permuted, int4_plane16, int4_words_to_magic, mma
 from .gemv import w4_gemv_tma_kernel, x_phase_kernel
 from .reference import linear_wq_ref, resolve_group
 
@@ -135,6 +136,85 @@ def _wq_gemm_kernel(
 
 
 @triton.jit
+def x_planes_kernel(x_ptr, xp_ptr, xs_ptr, K, stride_xm, stride_xpm, stride_xsm, BLOCK_K: tl.constexpr,
+                    PDL: tl.constexpr):
+    """x in nibble-plane order for :func:`_w4_planes_kernel`, and each K block's sum (for zero points).
+
+    Within K block kb, x[kb * BLOCK_K + 4 w + i] goes to kb * BLOCK_K + i * BLOCK_K / 4 + w, so the
+    slice that multiplies nibble plane i of the 16-bit words is contiguous (the GEMM's x tiles then
+    stream through cp.async like its weights); zero past K. One program per (row, K block).
+    """
+    if PDL:
+        gdc_launch_dependents()  # the GEMM may launch now; it waits for these stores on the device
+    m = tl.program_id(0)
+    kb = tl.program_id(1)
+    j = tl.arange(0, BLOCK_K)
+    W: tl.constexpr = BLOCK_K // 4
+    src = kb * BLOCK_K + 4 * (j % W) + j // W
+    v = tl.load(x_ptr + m * stride_xm + src, mask=src < K, other=0.0)
+    tl.store(xp_ptr + m * stride_xpm + kb * BLOCK_K + j, v)
+    tl.store(xs_ptr + m * stride_xsm + kb, tl.sum(v.to(tl.float32), axis=0))
+
+
+@triton.jit
+def _w4_planes_kernel(
+    xp_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, out_ptr,
+    M, N, K, group_size, SPLIT_K,
+    stride_xpm, stride_xsm, stride_wn, stride_sn, stride_zn, stride_om, stride_osplit,
+    HAS_ZP: tl.constexpr, EVEN_K: tl.constexpr, GROUP_M: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr,
+    TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """int4 GEMM for small M on the int16 view of the words (4 nibbles each), swap-AB.
+
+    Each K block is 4 MMAs of depth BLOCK_K / 4, one per nibble plane (k = 4 w + i), against x
+    already in plane order (:func:`x_planes_kernel`). Because the dequant (:func:`._tl.int4_plane16`)
+    is one elementwise op on the loaded words, Triton pipelines the words global -> shared with
+    cp.async and loads them from shared straight into the wgmma A-operand registers, where they are
+    dequantized: no dequantized tile ever goes through shared memory (it does in
+    :func:`_wq_gemm_kernel`, whose int32 -> int16 narrowing stops that optimization).
+    PDL: launched as a programmatic dependent of the x pass; ``gdc_wait`` holds every read until it is done.
+    """
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    pid_k, pid_n, offs_m, offs_n, rm, rn, kb_start, kb_end = gemm_tile(
+        M, N, K, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M
+    )
+    W: tl.constexpr = BLOCK_K // 4
+    offs_w = tl.arange(0, W)
+    if not TMA:
+        w_rows = w_ptr + rn[:, None] * stride_wn
+    x_cols = xp_ptr + rm[None, :] * stride_xpm
+    dtype = xp_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for kb in range(kb_start, kb_end):
+        k0 = kb * BLOCK_K
+        kw = k0 // 4 + offs_w
+        if TMA:  # w_ptr is a descriptor of [BLOCK_N, BLOCK_K / 4] boxes (zeros past N and K)
+            p = w_ptr.load([pid_n * BLOCK_N, k0 // 4])
+        elif EVEN_K:
+            p = tl.load(w_rows + kw[None, :])
+        else:
+            p = tl.load(w_rows + kw[None, :], mask=kw[None, :] < K // 4, other=0)
+        d = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for i in tl.static_range(4):
+            xi = tl.load(x_cols + (k0 + i * W + offs_w)[:, None])
+            d = mma(int4_plane16(p, i, dtype, INTERPRET), xi, INTERPRET, d)
+        g = k0 // group_size
+        s = tl.load(s_ptr + rn * stride_sn + g).to(tl.float32)
+        if HAS_ZP:
+            z = tl.load(z_ptr + rn * stride_zn + g).to(tl.float32)
+            xs = tl.load(xs_ptr + rm * stride_xsm + kb)
+            acc += s[:, None] * (d - z[:, None] * xs[None, :])
+        else:
+            acc += s[:, None] * d
+
+    out_ptrs = out_ptr + pid_k * stride_osplit + offs_m[None, :] * stride_om + offs_n[:, None]
+    mask = (offs_m[None, :] < M) & (offs_n[:, None] < N)
+    tl.store(out_ptrs, cast_out(acc, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
+
+
+@triton.jit
 def _dequant_kernel(
     w_ptr, s_ptr, z_ptr, out_ptr, N, K, group_size, stride_wn, stride_sn, stride_zn, stride_on,
     WBITS: tl.constexpr, HAS_ZP: tl.constexpr, MAGIC_BITS: tl.constexpr, MAGIC_VAL: tl.constexpr,
@@ -190,6 +270,8 @@ class WqConfig:
     gemv: bool = False
     ng: int = 8  # with gemv: sub-blocks (<= 128 values, inside one scale group) per step
     prefetch: bool = False  # MMA kernel: load the next K block's int4 words while this one computes
+    planes: bool = False  # int4: _w4_planes_kernel (16-bit words, x in plane order) instead of _wq_gemm_kernel
+    tma: bool = False  # with planes: the words arrive by TMA (where a descriptor can view them)
     # chunks > 0: dequantize N in that many chunks on a side stream, overlapped with cuBLAS on the
     # previous chunk (_overlap.py; the other fields below only apply then)
     chunks: int = 0
@@ -206,21 +288,27 @@ def _candidates(m: int, interpret: bool) -> list[WqConfig]:
     if interpret:
         return [WqConfig(16, 32, 32, 4, 1)]
     if m <= 16:
-        mma = [WqConfig(16, bn, 128, w, 3, unpack=u, prefetch=True)
-               for bn, w in ((64, 4), (128, 4), (128, 8), (256, 8)) for u in (1, 2)]
-        mma += [WqConfig(16, 128, 128, 4, st, sk, unpack=2, prefetch=True)
-                for st, sk in ((3, 4), (3, 16), (4, 0), (2, 0))]
+        # H100, 2026-11-28 sweeps: the plane kernel beat every _wq_gemm_kernel config at M = 16 on the four
+        # DeepSeek shapes (46.6 vs 65.6 us on 18432 x 7168; 37.6 with its words through TMA, the rest within
+        # noise either way); two of the old configs stay for group sizes under 64.
+        mma = [WqConfig(16, bn, 128, 4, 3, sk, planes=True, tma=t)
+               for bn, sk, t in ((64, 2, True), (128, 2, True), (64, 2, False), (128, 2, False), (128, 0, False))]
+        mma += [WqConfig(16, bn, 128, 4, 3, unpack=1, prefetch=True) for bn in (64, 128)]
         # GEMV (block_n, warps, ng, stages): in the H100 sweep after the nibble and scale-prefetch changes,
         # (32, 2, 4, 3) won on 18432 x 7168 and 24576 x 1536, (8, 2, 8, 3) on the two small shapes; the
-        # others were within 3% somewhere. MMA kernels prefetch the next block's words and scales: 65.6
-        # vs 67.1 us at M = 16 on 18432 x 7168 (same run), within noise on the small shapes.
+        # others were within 3% somewhere.
         gemv = [WqConfig(1, bn, 128, w, st, gemv=True, ng=ng)
                 for bn, w, ng, st in ((32, 2, 4, 3), (8, 2, 8, 3), (16, 2, 8, 3), (16, 2, 4, 4), (16, 4, 8, 3))]
         return gemv + mma if m == 1 else mma
+    # M = 17..256, same sweep: the plane kernel won every shape at M = 32, 64 and 128 (M = 64 on 18432 x 7168:
+    # 71.9 vs 143.4 us; M = 128: 114.9 vs 260.3); one _wq_gemm_kernel config each stays for groups under 64.
     if m <= 64:
-        return [WqConfig(bm, bn, 128, 4, 3, unpack=u) for bm in (32, 64) for bn in (64, 128) for u in (0, 2)]
+        return [WqConfig(bm, 128, 128, w, 3, sk, planes=True, tma=t)
+                for bm, w, sk, t in ((32, 4, 2, True), (32, 4, 2, False), (32, 4, 0, False), (64, 4, 0, False),
+                                     (64, 8, 2, False))] + [WqConfig(32, 64, 128, 4, 3)]
     if m <= 256:
-        return [WqConfig(bm, 128, 64, w, 3, sk) for bm in (64, 128) for w in (4, 8) for sk in (0, 1)]
+        return [WqConfig(64, 128, 128, w, 3, sk, planes=True) for w in (4, 8) for sk in (0, 2)] + [
+            WqConfig(64, 128, 64, 4, 3)]
     return [
         WqConfig(128, 128, 64, 8, 4),
         WqConfig(128, 256, 64, 8, 3),
@@ -306,6 +394,10 @@ def launch_wq(
     if group_size != -1 and g % block_k:
         raise ValueError(f"block_k {block_k} must divide the group size {g}")
     block_m = cfg.block_m
+    if cfg.planes and wbits == 4 and (block_k >= 64 or not x.is_cuda):  # 4 MMAs of depth >= 16 on the GPU
+        if out is None:
+            out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+        return _launch_planes(x, weight, scale, zero_point, g, block_k, cfg, out)
     unpack = 1 if cfg.unpack == 2 and block_k < 128 and x.is_cuda else cfg.unpack  # MMA depth >= 16
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, cfg.block_n)
     k_blocks = triton.cdiv(k, block_k)
@@ -325,6 +417,33 @@ def launch_wq(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return _splitk.finish(out, target, split)
+
+
+def _launch_planes(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                   g: int, block_k: int, cfg: WqConfig, out: torch.Tensor) -> torch.Tensor:
+    """int4 through :func:`_w4_planes_kernel`, after the x pass that puts x in plane order."""
+    m, k = x.shape
+    n = weight.shape[0]
+    k_blocks = triton.cdiv(k, block_k)
+    xp = torch.empty(m, k_blocks * block_k, dtype=x.dtype, device=x.device)
+    xs = torch.empty(m, k_blocks, dtype=torch.float32, device=x.device)
+    pdl = x.is_cuda
+    x_planes_kernel[(m, k_blocks)](x, xp, xs, k, x.stride(0), xp.stride(0), xs.stride(0), BLOCK_K=block_k,
+                                   PDL=pdl, num_warps=1)
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    split = cfg.split_k or _splitk.auto_split(tiles, k_blocks, num_sms(x.device))
+    target, split_stride = _splitk.target(out, split)
+    zp = zero_point if zero_point is not None else scale
+    w16 = weight.view(torch.int16)  # little-endian: 16-bit word w holds k = 4 w .. 4 w + 3
+    tma = cfg.tma and tma_compatible(w16)
+    _w4_planes_kernel[(tiles, split)](
+        xp, xs, tile_descriptor(w16, (cfg.block_n, block_k // 4)) if tma else w16, scale, zp, target, m, n, k, g, split,
+        xp.stride(0), xs.stride(0), w16.stride(0), scale.stride(0), zp.stride(0), target.stride(-2), split_stride,
+        HAS_ZP=zero_point is not None, EVEN_K=k % block_k == 0, GROUP_M=8, INTERPRET=not x.is_cuda, PDL=pdl,
+        TMA=tma, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, launch_pdl=pdl,
+    )
+    return _splitk.finish(out, target, split, pdl)
 
 
 def _gemv_sub_words(group_size: int, g: int) -> int:

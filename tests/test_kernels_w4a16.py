@@ -55,6 +55,8 @@ def test_linear_matches_reference(case) -> None:
         WqConfig(32, 64, 64, 4, 1),
         WqConfig(16, 32, 64, 4, 1, unpack=1),
         WqConfig(16, 64, 128, 4, 1, split_k=2, unpack=2),
+        WqConfig(16, 64, 128, 4, 1, split_k=2, planes=True),
+        WqConfig(16, 32, 64, 4, 1, planes=True, tma=True),
         WqConfig(dequant_cublas=True),
         WqConfig(1, 32, 128, 4, 3, split_k=3, gemv=True, ng=1),
         WqConfig(1, 16, 128, 4, 2, split_k=2, gemv=True, ng=2),
@@ -63,7 +65,8 @@ def test_linear_matches_reference(case) -> None:
         WqConfig(dequant_cublas=True, chunks=4, first_div=2, contig_out=True),
         WqConfig(dequant_cublas=True, chunks=2, carveout=8, prio=2, dq_block_n=32, dq_warps=2),
     ],
-    ids=["splitk3", "bm32_bn64", "join_unpack", "permuted_k_splitk2", "dequant_then_matmul", "gemv_splitk3",
+    ids=["splitk3", "bm32_bn64", "join_unpack", "permuted_k_splitk2", "planes_splitk2",
+         "planes_bk64_tma", "dequant_then_matmul", "gemv_splitk3",
          "gemv_splitk2", "prefetch_splitk2", "overlap3", "overlap4_first_half_contig",
          "overlap2_dq32"],
 )
@@ -73,6 +76,20 @@ def test_every_strategy_writes_every_element(cfg: WqConfig, m: int, group: int, 
     out = launch_wq(x, w, scale, zero, group, cfg, out=poisoned(m, 80, dtype=torch.bfloat16))
     ref = linear_wq_ref(x.cpu(), w.cpu(), scale.cpu(), zero.cpu(), group)
     assert rel_err(out, ref) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize(
+    "dtype,zp,group,k",
+    [(torch.float16, True, 128, 384), (torch.float16, False, -1, 200), (torch.bfloat16, True, 64, 448)],
+)
+def test_plane_kernel(dtype: torch.dtype, zp: bool, group: int, k: int) -> None:
+    """_w4_planes_kernel (16-bit words, x in plane order) for both float dtypes, K off the block size."""
+    x, w, scale, zero = make(9, 48, k, group, zp, dtype, 4, seed=k)
+    x = x * 3.0  # values far from 1 so an offset error shows
+    cfg = WqConfig(16, 32, 128, 4, 1, split_k=2, planes=True, tma=k % 32 == 0)
+    out = launch_wq(x, w, scale, zero, group, cfg, out=poisoned(9, 48, dtype=dtype))
+    ref = linear_wq_ref(x.cpu(), w.cpu(), scale.cpu(), None if zero is None else zero.cpu(), group)
+    assert rel_err(out, ref) < TOL[dtype]
 
 
 @pytest.mark.parametrize(
