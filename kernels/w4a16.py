@@ -419,17 +419,26 @@ def launch_wq(
     return _splitk.finish(out, target, split)
 
 
+def x_planes(x: torch.Tensor, block_k: int, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x in plane order per block_k-wide K block, zero-padded to whole blocks; fp32 sums per block), from
+    :func:`x_planes_kernel`. pdl: the next kernel is launched as its programmatic dependent."""
+    m, k = x.shape
+    k_blocks = triton.cdiv(k, block_k)
+    xp = torch.empty(m, k_blocks * block_k, dtype=x.dtype, device=x.device)
+    xs = torch.empty(m, k_blocks, dtype=torch.float32, device=x.device)
+    x_planes_kernel[(m, k_blocks)](x, xp, xs, k, x.stride(0), xp.stride(0), xs.stride(0), BLOCK_K=block_k,
+                                   PDL=pdl, num_warps=1)
+    return xp, xs
+
+
 def _launch_planes(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
                    g: int, block_k: int, cfg: WqConfig, out: torch.Tensor) -> torch.Tensor:
     """int4 through :func:`_w4_planes_kernel`, after the x pass that puts x in plane order."""
     m, k = x.shape
     n = weight.shape[0]
     k_blocks = triton.cdiv(k, block_k)
-    xp = torch.empty(m, k_blocks * block_k, dtype=x.dtype, device=x.device)
-    xs = torch.empty(m, k_blocks, dtype=torch.float32, device=x.device)
     pdl = x.is_cuda
-    x_planes_kernel[(m, k_blocks)](x, xp, xs, k, x.stride(0), xp.stride(0), xs.stride(0), BLOCK_K=block_k,
-                                   PDL=pdl, num_warps=1)
+    xp, xs = x_planes(x, block_k, pdl)
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     split = cfg.split_k or _splitk.auto_split(tiles, k_blocks, num_sms(x.device))
     target, split_stride = _splitk.target(out, split)
@@ -437,7 +446,8 @@ def _launch_planes(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, z
     w16 = weight.view(torch.int16)  # little-endian: 16-bit word w holds k = 4 w .. 4 w + 3
     tma = cfg.tma and tma_compatible(w16)
     _w4_planes_kernel[(tiles, split)](
-        xp, xs, tile_descriptor(w16, (cfg.block_n, block_k // 4)) if tma else w16, scale, zp, target, m, n, k, g, split,
+        xp, xs,
+        tile_descriptor(w16, (cfg.block_n, block_k // 4)) if tma else w16, scale, zp, target, m, n, k, g, split,
         xp.stride(0), xs.stride(0), w16.stride(0), scale.stride(0), zp.stride(0), target.stride(-2), split_stride,
         HAS_ZP=zero_point is not None, EVEN_K=k % block_k == 0, GROUP_M=8, INTERPRET=not x.is_cuda, PDL=pdl,
         TMA=tma, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, num_warps=cfg.num_warps,
