@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from . import _tuning
-from ._dispatch import Backend, use_triton
+from ._dispatch import Backend, tile_descriptor, tma_compatible, use_triton
 from ._tl import cast_out, int4_dot_permuted, int4_plane16, int4_words_to_magic, mma
 from .fp8_block import quant_fp8_act
 from .reference import FP8_BLOCK, moe_experts_ref, resolve_group
@@ -102,8 +102,8 @@ def moe_align(
 
 @triton.jit
 def _expert_tile(
-    w_base, s_base, z_base, rows, srows, k0, K, at, a_rows, a_s, xsum, group_size,
-    stride_wn, stride_sn, stride_zn,
+    w_base, s_base, z_base, rows, row0, srows, k0, K, at, a_rows, a_s, xsum, group_size,
+    stride_wn, stride_sn, stride_zn, TMA: tl.constexpr,
     FMT: tl.constexpr, HAS_ZP: tl.constexpr, MAGIC_BITS: tl.constexpr, MAGIC_VAL: tl.constexpr,
     EVEN_K: tl.constexpr, INTERPRET: tl.constexpr, DTYPE: tl.constexpr, UNPACK: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -114,8 +114,11 @@ def _expert_tile(
         W: tl.constexpr = BLOCK_K // 4
         offs_w = tl.arange(0, W)
         kw = k0 // 4 + offs_w
-        ptrs = w_base + rows[:, None] * stride_wn + kw[None, :]
-        p = tl.load(ptrs) if EVEN_K else tl.load(ptrs, mask=kw[None, :] < K // 4, other=0)
+        if TMA:  # w_base: descriptor over all experts' rows, [BLOCK_N, W] boxes from row row0
+            p = w_base.load([row0, k0 // 4])
+        else:
+            ptrs = w_base + rows[:, None] * stride_wn + kw[None, :]
+            p = tl.load(ptrs) if EVEN_K else tl.load(ptrs, mask=kw[None, :] < K // 4, other=0)
         d = tl.zeros((BLOCK_N, a_rows.shape[1]), dtype=tl.float32)
         for i in tl.static_range(4):
             if EVEN_K:
@@ -162,10 +165,10 @@ def _expert_tile(
 def _moe_gemm_kernel(
     a_ptr, as_ptr, w_ptr, s_ptr, z_ptr, out_ptr, topk_w_ptr,
     sorted_ptr, block_expert_ptr, npp_ptr,
-    N, K, numel, group_size, up_row, up_srow,
+    N, K, numel, group_size, up_row, up_srow, rows_per_expert,
     stride_am, stride_as, stride_we, stride_wn, stride_se, stride_sn, stride_ze, stride_zn, stride_om,
     TOPK: tl.constexpr, A_PER_TOKEN: tl.constexpr, FUSE_SILU: tl.constexpr, MUL_WEIGHT: tl.constexpr,
-    OUT_PLANES: tl.constexpr,
+    OUT_PLANES: tl.constexpr, TMA: tl.constexpr,
     FMT: tl.constexpr, HAS_ZP: tl.constexpr, MAGIC_BITS: tl.constexpr, MAGIC_VAL: tl.constexpr,
     EVEN_K: tl.constexpr, INTERPRET: tl.constexpr, UNPACK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -184,7 +187,12 @@ def _moe_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rn = tl.minimum(offs_n, N - 1)
     srn = rn // 128  # fp8 weight-scale row of each output row (blocks are 128 x 128)
-    w_base = w_ptr + expert * stride_we
+    if TMA:
+        w_base = w_ptr
+        row0 = expert.to(tl.int32) * rows_per_expert + pid_n * BLOCK_N
+    else:
+        w_base = w_ptr + expert * stride_we
+        row0 = 0
     s_base = s_ptr + expert * stride_se
     z_base = z_ptr + expert * stride_ze
     offs_k = tl.arange(0, BLOCK_K)
@@ -211,14 +219,14 @@ def _moe_gemm_kernel(
                 at = tl.load(a_ptrs + k0, mask=kk[:, None] < K, other=0.0)
             xsum = tl.sum(at.to(tl.float32), axis=0)
         acc += _expert_tile(
-            w_base, s_base, z_base, rn, srn, k0, K, at, a_rows, a_s, xsum, group_size,
-            stride_wn, stride_sn, stride_zn,
+            w_base, s_base, z_base, rn, row0, srn, k0, K, at, a_rows, a_s, xsum, group_size,
+            stride_wn, stride_sn, stride_zn, TMA,
             FMT, HAS_ZP, MAGIC_BITS, MAGIC_VAL, EVEN_K, INTERPRET, dtype, UNPACK, BLOCK_N, BLOCK_K,
         )
         if FUSE_SILU:
             acc_up += _expert_tile(
-                w_base, s_base, z_base, up_row + rn, up_srow + srn, k0, K, at, a_rows, a_s, xsum, group_size,
-                stride_wn, stride_sn, stride_zn,
+                w_base, s_base, z_base, up_row + rn, row0 + up_row, up_srow + srn, k0, K, at, a_rows, a_s, xsum,
+                group_size, stride_wn, stride_sn, stride_zn, TMA,
                 FMT, HAS_ZP, MAGIC_BITS, MAGIC_VAL, EVEN_K, INTERPRET, dtype, UNPACK, BLOCK_N, BLOCK_K,
             )
 
@@ -241,6 +249,7 @@ class MoeConfig:
     num_warps: int = 4
     num_stages: int = 3
     unpack: int = 0  # int4 unpacking mode, as in w4a16.WqConfig; 3: 16-bit words and plane-ordered activations
+    tma: bool = False  # with unpack 3: the words arrive by TMA (where a descriptor can view them)
 
 
 def _candidates(slots_per_expert: float, fmt: int, interpret: bool) -> list[MoeConfig]:
@@ -248,11 +257,13 @@ def _candidates(slots_per_expert: float, fmt: int, interpret: bool) -> list[MoeC
         return [MoeConfig(16, 32, 4, 1)]
     bms = (16,) if slots_per_expert <= 16 else (16, 32) if slots_per_expert <= 48 else (32, 64)
     if fmt == FMT_INT4:
-        # H100, 2026-11-28 (DeepSeek-V3 sizes, 256 experts, top-8): plane mode beat the best other unpack at
-        # every T: T = 1 210 -> 124 us, 16 1417 -> 1124, 64 3177 -> 2516, 256 3758 -> 2953, 512 4975 -> 3231.
-        # The K-permuted unpack stays for group sizes under 64, where plane mode falls back to unpack 1.
-        return [MoeConfig(bm, bn, 4, st, 3) for bm in bms for bn in (64, 128) for st in (3, 4)] + [
-            MoeConfig(bm, 128, 4, 3, 2) for bm in bms]
+        # H100, 2026-11-28 (DeepSeek-V3 sizes, 256 experts, top-8; CUDA graphs): plane mode beat the best other
+        # unpack at every T (T = 1 210 -> 124 us, 16 1417 -> 1124, 64 3177 -> 2516, 256 3758 -> 2953,
+        # 512 4975 -> 3231), and its words through TMA beat it again in a second run (T = 1 126 -> 110,
+        # 16 1252 -> 965, 64 2412 -> 1860, 256 2952 -> 2280, 512 3257 -> 2670). The K-permuted unpack stays for
+        # group sizes under 64, where plane mode falls back to unpack 1.
+        return [MoeConfig(bm, bn, 4, st, 3, tma=True) for bm in bms for bn in (64, 128) for st in (3, 4)] + [
+            MoeConfig(bm, 64, 4, 4, 3) for bm in bms] + [MoeConfig(bm, 128, 4, 3, 2) for bm in bms]
     return [MoeConfig(bm, bn, 4, 3) for bm in bms for bn in (64, 128)]
 
 
@@ -284,19 +295,24 @@ def _gemm(
     g = resolve_group(group_size, k) if fmt == FMT_INT4 else k
     block_k = _block_k(fmt, group_size, k)
     unpack = _unpack(cfg, fmt, block_k, a.is_cuda)
+    tma = False
     if unpack == 3:
         w = w.view(torch.int16)  # little-endian: 16-bit word w holds k = 4 w .. 4 w + 3
+        flat = w.view(-1, w.shape[2])
+        tma = cfg.tma and w.is_contiguous() and tma_compatible(flat)
     sorted_ids, block_expert, npp = align
     nb = block_expert.numel()
     magic_bits, magic_val = MAGIC[act_dtype]
     wt, s, z, swe, swn, sse, ssn, sze, szn = _weight_args(w, scale, zp)
     a_s = a_scale if a_scale is not None else a
+    if tma:
+        wt = tile_descriptor(flat, (cfg.block_n, block_k // 4))
     _moe_gemm_kernel[(nb * triton.cdiv(n, cfg.block_n),)](
         a, a_s, wt, s, z, out, topk_w,
         sorted_ids, block_expert, npp,
-        n, k, topk_w.numel(), g, n, triton.cdiv(n, 128),
+        n, k, topk_w.numel(), g, n, triton.cdiv(n, 128), w.shape[1],
         a.stride(0), a_s.stride(0), swe, swn, sse, ssn, sze, szn, out.stride(0),
-        TOPK=topk, A_PER_TOKEN=fuse_silu, FUSE_SILU=fuse_silu, MUL_WEIGHT=not fuse_silu, OUT_PLANES=out_planes,
+        TOPK=topk, A_PER_TOKEN=fuse_silu, FUSE_SILU=fuse_silu, MUL_WEIGHT=not fuse_silu, OUT_PLANES=out_planes, TMA=tma,
         FMT=fmt, HAS_ZP=zp is not None, MAGIC_BITS=magic_bits, MAGIC_VAL=magic_val,
         EVEN_K=k % block_k == 0, INTERPRET=not a.is_cuda, UNPACK=unpack,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k,

@@ -98,13 +98,14 @@ def test_moe_matches_reference(case) -> None:
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] == "int4"],
                          ids=lambda c: "T{1}_H{2}_I{3}_g{6}_zp{7}".format(*c))
 def test_int4_plane_mode(case) -> None:
-    """Plane mode (16-bit words, activations and the intermediate in plane order), K on and off the block."""
+    """Plane mode (16-bit words, activations and the intermediate in plane order), K on and off the block;
+    words by TMA where a descriptor can view them (per-expert rows past N read the next expert: masked)."""
     _, t, hidden, inter, e, k, group, zp = case
     x = randn(t, hidden, seed=t) * 3.0  # far from 1, so an offset error shows
     ids, weights = routing(t, e, k, seed=7 * t)
     w = experts("int4", e, hidden, inter, group, zp, seed=t)
     out = launch_moe(x, ids, weights, w["w13"], w["w2"], w["w13_scale"], w["w2_scale"], w.get("w13_zero_point"),
-                     w.get("w2_zero_point"), group, MoeConfig(16, 32, 4, 1, 3))
+                     w.get("w2_zero_point"), group, MoeConfig(16, 32, 4, 1, 3, tma=True))
     ref = moe_experts_ref(x.cpu(), ids.cpu(), weights.cpu(), **cpu(w))
     assert rel_err(out, ref) < TOL[torch.bfloat16]
 
