@@ -16,15 +16,15 @@ Design:
   N chunks with each chunk's dequant on a side stream overlapping cuBLAS on the previous chunk
   (``_overlap.py``), whichever is faster on the device.
 
+Small M (2..256): :func:`_w4_planes_kernel` instead. :func:`_wq_gemm_kernel` converts each dequantized bf16 tile
+into the MMA register layout through shared memory (its int32 -> int16 narrowing stops Triton's
+dot-operand hoisting), which held it at 64-67 us on (18432, 7168) at M = 16 whatever the unpack or
+pipelining (ncu: 35% of DRAM bandwidth). The plane kernel reads the words as int16 and dequantizes each
+nibble plane with one elementwise op, so the words go global -> shared (cp.async or TMA) -> wgmma A
+registers, dequantized in place: 38 us there (2.7x cuBLAS bf16, H100; BENCH_H100.md), no offline repack.
+
 Measured on an H100 (BENCH_H100.md): decode of (18432, 7168) at M = 1 runs at 31-33 us through the
-nibble-phase CUDA-core GEMV fed by TMA (gemv.py; 2.0-2.1 TB/s of int4 weights, 1.4x the 23 us floor);
-at M = 16 these MMA kernels take 64-67 us (1.1 TB/s; ncu: 35% of DRAM bandwidth at 27% occupancy, 96
-registers): the unpack and the conversion of the dequantized tile into the MMA register layout, not
-memory, bound them. A variant that unpacks two nibble planes per integer op (bf16x2 halves split by
-inline PTX) measured the same (66.6 vs 67.1 us), and feeding the words through a TMA shared-memory
-ring as the GEMV does did not help either (68-110 us over 24 tile / stage / unpack variants).
-Getting near the floor at M = 16 likely needs a Marlin-style pre-shuffled weight layout (one more
-offline repack), which this kernel avoids so that checkpoints load unchanged.
+nibble-phase CUDA-core GEMV fed by TMA (gemv.py; 2.0-2.1 TB/s of int4 weights, 1.4x the 23 us floor).
 """
 
 from __future__ import annotations
