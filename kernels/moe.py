@@ -298,7 +298,7 @@ def _gemm(
     tma = False
     if unpack == 3:
         w = w.view(torch.int16)  # little-endian: 16-bit word w holds k = 4 w .. 4 w + 3
-        flat = w.view(-1, w.shape[2])
+        flat = w.view(-1, w.shape[2]) if w.is_contiguous() else w[0]
         tma = cfg.tma and w.is_contiguous() and tma_compatible(flat)
     sorted_ids, block_expert, npp = align
     nb = block_expert.numel()
