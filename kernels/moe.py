@@ -35,7 +35,7 @@ from ._dispatch import Backend, tile_descriptor, tma_compatible, use_triton
 from ._tl import cast_out, int4_dot_permuted, int4_plane16, int4_words_to_magic, mma
 from .fp8_block import quant_fp8_act
 from .reference import FP8_BLOCK, moe_experts_ref, resolve_group
-from .w4a16 import MAGIC, x_planes
+from .w4a16 import MAGIC, int4_unpack, x_planes
 
 FMT_PLAIN, FMT_INT4, FMT_FP8 = 0, 1, 2
 
@@ -248,7 +248,7 @@ class MoeConfig:
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 3
-    unpack: int = 0  # int4 unpacking mode, as in w4a16.WqConfig; 3: 16-bit words and plane-ordered activations
+    unpack: int = 0  # int4 unpacking mode, as in w4a16.WqConfig (3: 16-bit words, plane-ordered activations)
     tma: bool = False  # with unpack 3: the words arrive by TMA (where a descriptor can view them)
 
 
@@ -330,12 +330,7 @@ def _block_k(fmt: int, group_size: int, k: int) -> int:
 
 
 def _unpack(cfg: MoeConfig, fmt: int, block_k: int, on_cuda: bool) -> int:
-    """The int4 unpack mode that runs: the plane modes need MMAs of depth >= 16 on the GPU."""
-    if fmt != FMT_INT4:
-        return 0
-    if on_cuda and (cfg.unpack == 2 and block_k < 128 or cfg.unpack == 3 and block_k < 64):
-        return 1
-    return cfg.unpack
+    return int4_unpack(cfg.unpack, block_k, on_cuda) if fmt == FMT_INT4 else 0
 
 
 def launch_moe(

@@ -189,12 +189,12 @@ def _w4_planes_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for kb in range(kb_start, kb_end):
         k0 = kb * BLOCK_K
-        kw = k0 // 4 + offs_w
         if TMA:  # w_ptr is a descriptor of [BLOCK_N, BLOCK_K / 4] boxes (zeros past N and K)
             p = w_ptr.load([pid_n * BLOCK_N, k0 // 4])
         elif EVEN_K:
-            p = tl.load(w_rows + kw[None, :])
+            p = tl.load(w_rows + (k0 // 4 + offs_w)[None, :])
         else:
+            kw = k0 // 4 + offs_w
             p = tl.load(w_rows + kw[None, :], mask=kw[None, :] < K // 4, other=0)
         d = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for i in tl.static_range(4):
@@ -265,13 +265,14 @@ class WqConfig:
     num_stages: int = 4
     split_k: int = 0  # 0: choose from the grid size
     dequant_cublas: bool = False
-    unpack: int = 0  # int4 unpacking: 0 reshape, 1 join tree, 2 K-permuted MMAs (see _tl.py)
+    # int4 unpacking: 0 reshape, 1 join tree, 2 K-permuted MMAs (see _tl.py); 3 the plane kernel
+    # (_w4_planes_kernel: 16-bit words, x in plane order)
+    unpack: int = 0
     # M = 1 only: CUDA-core nibble-phase GEMV fed by TMA (gemv.py), block_n rows per program, num_stages deep ring
     gemv: bool = False
     ng: int = 8  # with gemv: sub-blocks (<= 128 values, inside one scale group) per step
     prefetch: bool = False  # MMA kernel: load the next K block's int4 words while this one computes
-    planes: bool = False  # int4: _w4_planes_kernel (16-bit words, x in plane order) instead of _wq_gemm_kernel
-    tma: bool = False  # with planes: the words arrive by TMA (where a descriptor can view them)
+    tma: bool = False  # with unpack 3: the words arrive by TMA (where a descriptor can view them)
     # chunks > 0: dequantize N in that many chunks on a side stream, overlapped with cuBLAS on the
     # previous chunk (_overlap.py; the other fields below only apply then)
     chunks: int = 0
@@ -291,7 +292,7 @@ def _candidates(m: int, interpret: bool) -> list[WqConfig]:
         # H100, 2026-11-28 sweeps: the plane kernel beat every _wq_gemm_kernel config at M = 16 on the four
         # DeepSeek shapes (46.6 vs 65.6 us on 18432 x 7168; 37.6 with its words through TMA, the rest within
         # noise either way); two of the old configs stay for group sizes under 64.
-        mma = [WqConfig(16, bn, 128, 4, 3, sk, planes=True, tma=t)
+        mma = [WqConfig(16, bn, 128, 4, 3, sk, unpack=3, tma=t)
                for bn, sk, t in ((64, 2, True), (128, 2, True), (64, 2, False), (128, 2, False), (128, 0, False))]
         mma += [WqConfig(16, bn, 128, 4, 3, unpack=1, prefetch=True) for bn in (64, 128)]
         # GEMV (block_n, warps, ng, stages): in the H100 sweep after the nibble and scale-prefetch changes,
@@ -303,11 +304,11 @@ def _candidates(m: int, interpret: bool) -> list[WqConfig]:
     # M = 17..256, same sweep: the plane kernel won every shape at M = 32, 64 and 128 (M = 64 on 18432 x 7168:
     # 71.9 vs 143.4 us; M = 128: 114.9 vs 260.3); one _wq_gemm_kernel config each stays for groups under 64.
     if m <= 64:
-        return [WqConfig(bm, 128, 128, w, 3, sk, planes=True, tma=t)
+        return [WqConfig(bm, 128, 128, w, 3, sk, unpack=3, tma=t)
                 for bm, w, sk, t in ((32, 4, 2, True), (32, 4, 2, False), (32, 4, 0, False), (64, 4, 0, False),
                                      (64, 8, 2, False))] + [WqConfig(32, 64, 128, 4, 3)]
     if m <= 256:
-        return [WqConfig(64, 128, 128, w, 3, sk, planes=True) for w in (4, 8) for sk in (0, 2)] + [
+        return [WqConfig(64, 128, 128, w, 3, sk, unpack=3) for w in (4, 8) for sk in (0, 2)] + [
             WqConfig(64, 128, 64, 4, 3)]
     return [
         WqConfig(128, 128, 64, 8, 4),
@@ -394,11 +395,11 @@ def launch_wq(
     if group_size != -1 and g % block_k:
         raise ValueError(f"block_k {block_k} must divide the group size {g}")
     block_m = cfg.block_m
-    if cfg.planes and wbits == 4 and (block_k >= 64 or not x.is_cuda):  # 4 MMAs of depth >= 16 on the GPU
+    unpack = int4_unpack(cfg.unpack, block_k, x.is_cuda) if wbits == 4 else 0
+    if unpack == 3:
         if out is None:
             out = torch.empty(m, n, dtype=x.dtype, device=x.device)
         return _launch_planes(x, weight, scale, zero_point, g, block_k, cfg, out)
-    unpack = 1 if cfg.unpack == 2 and block_k < 128 and x.is_cuda else cfg.unpack  # MMA depth >= 16
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, cfg.block_n)
     k_blocks = triton.cdiv(k, block_k)
     split = cfg.split_k or _splitk.auto_split(tiles, k_blocks, num_sms(x.device))
@@ -417,6 +418,14 @@ def launch_wq(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return _splitk.finish(out, target, split)
+
+
+def int4_unpack(unpack: int, block_k: int, on_cuda: bool) -> int:
+    """The int4 unpack mode that runs: modes 2 and 3 split a K block into 8 / 4 MMAs, each of which needs
+    depth >= 16 on the GPU, so smaller blocks (groups under 128 / 64) fall back to mode 1."""
+    if on_cuda and (unpack == 2 and block_k < 128 or unpack == 3 and block_k < 64):
+        return 1
+    return unpack
 
 
 def x_planes(x: torch.Tensor, block_k: int, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -55,8 +55,8 @@ def test_linear_matches_reference(case) -> None:
         WqConfig(32, 64, 64, 4, 1),
         WqConfig(16, 32, 64, 4, 1, unpack=1),
         WqConfig(16, 64, 128, 4, 1, split_k=2, unpack=2),
-        WqConfig(16, 64, 128, 4, 1, split_k=2, planes=True),
-        WqConfig(16, 32, 64, 4, 1, planes=True, tma=True),
+        WqConfig(16, 64, 128, 4, 1, split_k=2, unpack=3),
+        WqConfig(16, 32, 64, 4, 1, unpack=3, tma=True),
         WqConfig(dequant_cublas=True),
         WqConfig(1, 32, 128, 4, 3, split_k=3, gemv=True, ng=1),
         WqConfig(1, 16, 128, 4, 2, split_k=2, gemv=True, ng=2),
@@ -86,7 +86,7 @@ def test_plane_kernel(dtype: torch.dtype, zp: bool, group: int, k: int) -> None:
     """_w4_planes_kernel (16-bit words, x in plane order) for both float dtypes, K off the block size."""
     x, w, scale, zero = make(9, 48, k, group, zp, dtype, 4, seed=k)
     x = x * 3.0  # values far from 1 so an offset error shows
-    cfg = WqConfig(16, 32, 128, 4, 1, split_k=2, planes=True, tma=k % 32 == 0)
+    cfg = WqConfig(16, 32, 128, 4, 1, split_k=2, unpack=3, tma=k % 32 == 0)
     out = launch_wq(x, w, scale, zero, group, cfg, out=poisoned(9, 48, dtype=dtype))
     ref = linear_wq_ref(x.cpu(), w.cpu(), scale.cpu(), None if zero is None else zero.cpu(), group)
     assert rel_err(out, ref) < TOL[dtype]
