@@ -78,3 +78,19 @@ def row_blocks_descriptor(t: torch.Tensor, inner: int, block: tuple[int, int]):
     and rows or chunks past the end arrive as zeros. Needs :func:`tma_compatible` and inner | C."""
     n, c = t.shape
     return tile_descriptor(t.as_strided((n, c // inner, inner), (t.stride(0), inner, 1)), (*block, inner))
+
+
+def group_blocks(g: int, block_k: int, k: int) -> int:
+    """K blocks per scale group (a block's group is ``kb // group_blocks``) for kernels whose K blocks
+    never straddle a group.
+
+    Passed as a plain int because Triton compiles an int argument equal to 1 as a constant: with the
+    usual 128-wide groups and 128-wide blocks the group index is then the block index itself, where a
+    run-time ``k0 // group_size`` cost ~25 instructions of a ~250-instruction step of the int4 plane
+    kernel (H100, M = 16 on (18432, 7168): 38.6 -> 37.0 us). Per channel (g = K) every block is in group 0.
+    """
+    if g == k:
+        return -(-k // block_k)
+    if g % block_k:
+        raise ValueError(f"K block {block_k} must divide the group size {g}")
+    return g // block_k

@@ -24,6 +24,7 @@ x goes through ``w4a16.x_planes`` once, and the gate/up GEMM writes the intermed
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +32,7 @@ import triton
 import triton.language as tl
 
 from . import _tuning
-from ._dispatch import Backend, tile_descriptor, tma_compatible, use_triton
+from ._dispatch import Backend, group_blocks, tile_descriptor, tma_compatible, use_triton
 from ._tl import cast_out, int4_dot_permuted, int4_plane16, int4_words_to_magic, mma
 from .fp8_block import quant_fp8_act
 from .reference import FP8_BLOCK, moe_experts_ref, resolve_group
@@ -102,7 +103,7 @@ def moe_align(
 
 @triton.jit
 def _expert_tile(
-    w_base, s_base, z_base, rows, row0, srows, k0, K, at, a_rows, a_s, xsum, group_size,
+    w_base, s_base, z_base, rows, row0, srows, k0, K, at, a_rows, a_s, xsum, GROUP_BLOCKS,
     stride_wn, stride_sn, stride_zn, TMA: tl.constexpr,
     FMT: tl.constexpr, HAS_ZP: tl.constexpr, MAGIC_BITS: tl.constexpr, MAGIC_VAL: tl.constexpr,
     EVEN_K: tl.constexpr, INTERPRET: tl.constexpr, DTYPE: tl.constexpr, UNPACK: tl.constexpr,
@@ -127,7 +128,7 @@ def _expert_tile(
                 xi = tl.load(a_rows + (k0 + i * W + offs_w)[:, None], mask=(k0 + 4 * offs_w + i)[:, None] < K,
                              other=0.0)
             d = mma(int4_plane16(p, i, DTYPE, INTERPRET), xi, INTERPRET, d)
-        g = k0 // group_size
+        g = k0 // BLOCK_K // GROUP_BLOCKS
         s = tl.load(s_base + rows * stride_sn + g).to(tl.float32)
         if HAS_ZP:
             zp = tl.load(z_base + rows * stride_zn + g).to(tl.float32)
@@ -142,7 +143,7 @@ def _expert_tile(
             d = int4_dot_permuted(p, a_rows, k0, K, MAGIC_BITS, DTYPE, EVEN_K, INTERPRET, BLOCK_K)
         else:
             d = mma(int4_words_to_magic(p, BLOCK_N, BLOCK_K, MAGIC_BITS, DTYPE, UNPACK), at, INTERPRET)
-        g = k0 // group_size
+        g = k0 // BLOCK_K // GROUP_BLOCKS
         s = tl.load(s_base + rows * stride_sn + g).to(tl.float32)
         if HAS_ZP:
             off = MAGIC_VAL + 8.0 + tl.load(z_base + rows * stride_zn + g).to(tl.float32)
@@ -165,7 +166,7 @@ def _expert_tile(
 def _moe_gemm_kernel(
     a_ptr, as_ptr, w_ptr, s_ptr, z_ptr, out_ptr, topk_w_ptr,
     sorted_ptr, block_expert_ptr, npp_ptr,
-    N, K, numel, group_size, up_row, up_srow, rows_per_expert,
+    N, K, numel, GROUP_BLOCKS, up_row, up_srow, rows_per_expert,
     stride_am, stride_as, stride_we, stride_wn, stride_se, stride_sn, stride_ze, stride_zn, stride_om,
     TOPK: tl.constexpr, A_PER_TOKEN: tl.constexpr, FUSE_SILU: tl.constexpr, MUL_WEIGHT: tl.constexpr,
     OUT_PLANES: tl.constexpr, TMA: tl.constexpr,
@@ -219,14 +220,14 @@ def _moe_gemm_kernel(
                 at = tl.load(a_ptrs + k0, mask=kk[:, None] < K, other=0.0)
             xsum = tl.sum(at.to(tl.float32), axis=0)
         acc += _expert_tile(
-            w_base, s_base, z_base, rn, row0, srn, k0, K, at, a_rows, a_s, xsum, group_size,
+            w_base, s_base, z_base, rn, row0, srn, k0, K, at, a_rows, a_s, xsum, GROUP_BLOCKS,
             stride_wn, stride_sn, stride_zn, TMA,
             FMT, HAS_ZP, MAGIC_BITS, MAGIC_VAL, EVEN_K, INTERPRET, dtype, UNPACK, BLOCK_N, BLOCK_K,
         )
         if FUSE_SILU:
             acc_up += _expert_tile(
                 w_base, s_base, z_base, up_row + rn, row0 + up_row, up_srow + srn, k0, K, at, a_rows, a_s, xsum,
-                group_size, stride_wn, stride_sn, stride_zn, TMA,
+                GROUP_BLOCKS, stride_wn, stride_sn, stride_zn, TMA,
                 FMT, HAS_ZP, MAGIC_BITS, MAGIC_VAL, EVEN_K, INTERPRET, dtype, UNPACK, BLOCK_N, BLOCK_K,
             )
 
@@ -310,7 +311,7 @@ def _gemm(
     _moe_gemm_kernel[(nb * triton.cdiv(n, cfg.block_n),)](
         a, a_s, wt, s, z, out, topk_w,
         sorted_ids, block_expert, npp,
-        n, k, topk_w.numel(), g, n, triton.cdiv(n, 128), w.shape[1],
+        n, k, topk_w.numel(), group_blocks(g, block_k, k), n, triton.cdiv(n, 128), w.shape[1],
         a.stride(0), a_s.stride(0), swe, swn, sse, ssn, sze, szn, out.stride(0),
         TOPK=topk, A_PER_TOKEN=fuse_silu, FUSE_SILU=fuse_silu, MUL_WEIGHT=not fuse_silu, OUT_PLANES=out_planes, TMA=tma,
         FMT=fmt, HAS_ZP=zp is not None, MAGIC_BITS=magic_bits, MAGIC_VAL=magic_val,
@@ -321,11 +322,11 @@ def _gemm(
 
 
 def _block_k(fmt: int, group_size: int, k: int) -> int:
-    """K step: one fp8 scale block; an int4 step never straddles a scale group."""
+    """K step: one fp8 scale block; an int4 step never straddles a scale group (a divisor of it)."""
     if fmt == FMT_FP8:
         return FP8_BLOCK
     if fmt == FMT_INT4 and group_size != -1:
-        return min(128, resolve_group(group_size, k))
+        return math.gcd(128, resolve_group(group_size, k))
     return 128 if fmt == FMT_INT4 else 64
 
 

@@ -29,6 +29,7 @@ nibble-phase CUDA-core GEMV fed by TMA (gemv.py; 2.0-2.1 TB/s of int4 weights, 1
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +39,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from . import _overlap, _splitk, _tuning
-from ._dispatch import Backend, num_sms, tile_descriptor, tma_compatible, use_triton
+from ._dispatch import Backend, group_blocks, num_sms, tile_descriptor, tma_compatible, use_triton
 from ._tl import cast_out, gemm_tile, int4_dot_permuted, int4_plane16, int4_words_to_magic, mma
 from .gemv import w4_gemv_tma_kernel, x_phase_kernel
 from .reference import linear_wq_ref, resolve_group
@@ -50,7 +51,7 @@ MAGIC = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}
 @triton.jit
 def _wq_gemm_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, out_ptr,
-    M, N, K, group_size, SPLIT_K,
+    M, N, K, GROUP_BLOCKS, SPLIT_K,
     stride_xm, stride_wn, stride_sn, stride_zn, stride_om, stride_osplit,
     WBITS: tl.constexpr, HAS_ZP: tl.constexpr, MAGIC_BITS: tl.constexpr, MAGIC_VAL: tl.constexpr,
     EVEN_K: tl.constexpr, GROUP_M: tl.constexpr, INTERPRET: tl.constexpr,
@@ -71,9 +72,9 @@ def _wq_gemm_kernel(
         k_first = tl.minimum(kb_start, tl.cdiv(K, BLOCK_K) - 1) * BLOCK_K
         w_first = w_ptr + rn[:, None] * stride_wn + (k_first // 8 + offs_kw)[None, :]
         p_pre = tl.load(w_first, mask=(k_first // 8 + offs_kw)[None, :] < K // 8, other=0)
-        s_pre = tl.load(s_ptr + rn * stride_sn + k_first // group_size)
+        s_pre = tl.load(s_ptr + rn * stride_sn + k_first // BLOCK_K // GROUP_BLOCKS)
         if HAS_ZP:
-            z_pre = tl.load(z_ptr + rn * stride_zn + k_first // group_size)
+            z_pre = tl.load(z_ptr + rn * stride_zn + k_first // BLOCK_K // GROUP_BLOCKS)
     for kb in range(kb_start, kb_end):
         k0 = kb * BLOCK_K
         if EVEN_K:
@@ -110,16 +111,16 @@ def _wq_gemm_kernel(
                 w = tl.load(w_ptrs, mask=(k0 + offs_k)[None, :] < K, other=0).to(tl.float32).to(dtype)
             offset = 0.0
             d = mma(w, xt, INTERPRET)
-        g = k0 // group_size
+        g = kb // GROUP_BLOCKS
         if PREFETCH and WBITS == 4:  # the scales too: a bf16 load is too narrow for the pipeliner's cp.async
             s = s_pre.to(tl.float32)
-            s_pre = tl.load(s_ptr + rn * stride_sn + kn // group_size)
+            s_pre = tl.load(s_ptr + rn * stride_sn + kn // BLOCK_K // GROUP_BLOCKS)
         else:
             s = tl.load(s_ptr + rn * stride_sn + g).to(tl.float32)
         if HAS_ZP:
             if PREFETCH and WBITS == 4:
                 zoff = offset + z_pre.to(tl.float32)
-                z_pre = tl.load(z_ptr + rn * stride_zn + kn // group_size)
+                z_pre = tl.load(z_ptr + rn * stride_zn + kn // BLOCK_K // GROUP_BLOCKS)
             else:
                 zoff = offset + tl.load(z_ptr + rn * stride_zn + g).to(tl.float32)
             xsum = tl.sum(xt.to(tl.float32), axis=0)
@@ -159,7 +160,7 @@ def x_planes_kernel(x_ptr, xp_ptr, xs_ptr, K, stride_xm, stride_xpm, stride_xsm,
 @triton.jit
 def _w4_planes_kernel(
     xp_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, out_ptr,
-    M, N, K, group_size, SPLIT_K,
+    M, N, K, GROUP_BLOCKS, SPLIT_K,
     stride_xpm, stride_xsm, stride_wn, stride_sn, stride_zn, stride_om, stride_osplit,
     HAS_ZP: tl.constexpr, EVEN_K: tl.constexpr, GROUP_M: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr,
     TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -200,7 +201,7 @@ def _w4_planes_kernel(
         for i in tl.static_range(4):
             xi = tl.load(x_cols + (k0 + i * W + offs_w)[:, None])
             d = mma(int4_plane16(p, i, dtype, INTERPRET), xi, INTERPRET, d)
-        g = k0 // group_size
+        g = kb // GROUP_BLOCKS
         s = tl.load(s_ptr + rn * stride_sn + g).to(tl.float32)
         if HAS_ZP:
             z = tl.load(z_ptr + rn * stride_zn + g).to(tl.float32)
@@ -303,12 +304,18 @@ def _candidates(m: int, interpret: bool) -> list[WqConfig]:
         return gemv + mma if m == 1 else mma
     # M = 17..256, same sweep: the plane kernel won every shape at M = 32, 64 and 128 (M = 64 on 18432 x 7168:
     # 71.9 vs 143.4 us; M = 128: 114.9 vs 260.3); one _wq_gemm_kernel config each stays for groups under 64.
+    # 2026-11-29 sweep (after the group index lost its division), M = 64 / 128 on 18432 x 7168: 64 rows by TMA
+    # with split 3 (66.3 vs 71.2 us) / 8 warps split 2 (112.8 vs 117.8); M = 128 on 24576 x 1536 split 1
+    # (34.6 vs 43.0), on 2048 x 7168 64 x 64 tiles (27.8 vs 31.5).
     if m <= 64:
         return [WqConfig(bm, 128, 128, w, 3, sk, unpack=3, tma=t)
                 for bm, w, sk, t in ((32, 4, 2, True), (32, 4, 2, False), (32, 4, 0, False), (64, 4, 0, False),
-                                     (64, 8, 2, False))] + [WqConfig(32, 64, 128, 4, 3)]
+                                     (64, 8, 2, False), (64, 4, 3, True), (64, 4, 1, True))] + [
+            WqConfig(32, 64, 128, 4, 3)]
     if m <= 256:
-        return [WqConfig(64, 128, 128, w, 3, sk, unpack=3) for w in (4, 8) for sk in (0, 2)] + [
+        return [WqConfig(64, bn, 128, w, 3, sk, unpack=3, tma=t)
+                for bn, w, sk, t in ((128, 4, 0, False), (128, 4, 2, False), (128, 8, 0, False), (128, 8, 2, False),
+                                     (128, 8, 2, True), (128, 4, 1, False), (64, 4, 2, False))] + [
             WqConfig(64, 128, 64, 4, 3)]
     return [
         WqConfig(128, 128, 64, 8, 4),
@@ -345,7 +352,7 @@ def dequantize_to(
     n = weight.shape[0]
     k = weight.shape[1] * (8 if weight.dtype == torch.int32 else 1)
     g = resolve_group(group_size, k)
-    block_k = min(128, g) if group_size != -1 else 128
+    block_k = math.gcd(128, g) if group_size != -1 else 128
     if out is None:
         out = torch.empty(n, k, dtype=dtype, device=weight.device)
     elif out.shape != (n, k) or out.stride(1) != 1:
@@ -391,9 +398,8 @@ def launch_wq(
         if out is None:
             out = torch.empty(m, n, dtype=x.dtype, device=x.device)
         return _launch_phase_gemv(x, weight, scale, zero_point, group_size, g, cfg, out)
-    block_k = min(cfg.block_k, g) if group_size != -1 else cfg.block_k
-    if group_size != -1 and g % block_k:
-        raise ValueError(f"block_k {block_k} must divide the group size {g}")
+    block_k = math.gcd(cfg.block_k, g) if group_size != -1 else cfg.block_k  # never straddles a group
+    gb = group_blocks(g, block_k, k)
     block_m = cfg.block_m
     unpack = int4_unpack(cfg.unpack, block_k, x.is_cuda) if wbits == 4 else 0
     if unpack == 3:
@@ -410,7 +416,7 @@ def launch_wq(
     zp = zero_point if zero_point is not None else scale
     _wq_gemm_kernel[(tiles, split)](
         x, weight, scale, zp, target,
-        m, n, k, g, split,
+        m, n, k, gb, split,
         x.stride(0), weight.stride(0), scale.stride(0), zp.stride(0), target.stride(-2), split_stride,
         WBITS=wbits, HAS_ZP=zero_point is not None, MAGIC_BITS=magic_bits, MAGIC_VAL=magic_val,
         EVEN_K=k % block_k == 0, GROUP_M=8, INTERPRET=not x.is_cuda, UNPACK=unpack,
@@ -456,7 +462,8 @@ def _launch_planes(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, z
     tma = cfg.tma and tma_compatible(w16)
     _w4_planes_kernel[(tiles, split)](
         xp, xs,
-        tile_descriptor(w16, (cfg.block_n, block_k // 4)) if tma else w16, scale, zp, target, m, n, k, g, split,
+        tile_descriptor(w16, (cfg.block_n, block_k // 4)) if tma else w16, scale, zp, target, m, n, k,
+        group_blocks(g, block_k, k), split,
         xp.stride(0), xs.stride(0), w16.stride(0), scale.stride(0), zp.stride(0), target.stride(-2), split_stride,
         HAS_ZP=zero_point is not None, EVEN_K=k % block_k == 0, GROUP_M=8, INTERPRET=not x.is_cuda, PDL=pdl,
         TMA=tma, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, num_warps=cfg.num_warps,

@@ -76,6 +76,7 @@ CASES = [
     ("int4", 1, 128, 64, 6, 2, 32, True),
     ("int4", 6, 256, 64, 8, 2, 64, False),
     ("int4", 5, 64, 40, 4, 2, -1, True),
+    ("int4", 3, 384, 192, 4, 2, 192, False),  # groups wider than a 128 block but not a multiple of it
     ("fp8", 1, 128, 64, 6, 2, -1, False),
     ("fp8", 6, 256, 192, 4, 2, -1, False),
 ]

@@ -80,10 +80,12 @@ def test_every_strategy_writes_every_element(cfg: WqConfig, m: int, group: int, 
 
 @pytest.mark.parametrize(
     "dtype,zp,group,k",
-    [(torch.float16, True, 128, 384), (torch.float16, False, -1, 200), (torch.bfloat16, True, 64, 448)],
+    [(torch.float16, True, 128, 384), (torch.float16, False, -1, 200), (torch.bfloat16, True, 64, 448),
+     (torch.bfloat16, False, 192, 384)],
 )
 def test_plane_kernel(dtype: torch.dtype, zp: bool, group: int, k: int) -> None:
-    """_w4_planes_kernel (16-bit words, x in plane order) for both float dtypes, K off the block size."""
+    """_w4_planes_kernel (16-bit words, x in plane order) for both float dtypes, K off the block size; with
+    128-wide blocks asked for, 192-wide groups run 64-wide blocks, three to a group."""
     x, w, scale, zero = make(9, 48, k, group, zp, dtype, 4, seed=k)
     x = x * 3.0  # values far from 1 so an offset error shows
     cfg = WqConfig(16, 32, 128, 4, 1, split_k=2, unpack=3, tma=k % 32 == 0)
