@@ -47,8 +47,13 @@ def _moe_align_kernel(
     numel, E, max_blocks,
     BLOCK_M: tl.constexpr, E_P2: tl.constexpr, CHUNK: tl.constexpr, BCHUNK: tl.constexpr,
 ):
-    """Single program. scratch (zeroed int32 [3 * E_P2]) = counts | padded starts | fill cursors."""
+    """Single program. scratch (int32 [3 * E_P2]) = counts | padded starts | fill cursors, zeroed here and
+    ids read in whatever integer type the router gave: each torch op that did either beforehand (a memset, an
+    int64 -> int32 copy) was one more launch on the host path that bounds a decode step's eager time."""
     offs_e = tl.arange(0, E_P2)
+    tl.store(scratch_ptr + offs_e, tl.zeros((E_P2,), dtype=tl.int32))
+    tl.store(scratch_ptr + 2 * E_P2 + offs_e, tl.zeros((E_P2,), dtype=tl.int32))
+    tl.debug_barrier()
     for start in range(0, numel, CHUNK):
         o = start + tl.arange(0, CHUNK)
         eid = tl.load(ids_ptr + o, mask=o < numel, other=0)
@@ -86,14 +91,14 @@ def moe_align(
     topk_ids: torch.Tensor, num_experts: int, block_m: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(sorted_ids int32 [max_blocks * block_m], block_expert int32 [max_blocks], num_padded int32 [1])."""
-    ids = topk_ids.reshape(-1).to(torch.int32)
+    ids = topk_ids.reshape(-1)
     numel = ids.numel()
     nb = max_blocks(numel, num_experts, block_m)
     e_p2 = triton.next_power_of_2(num_experts)
     sorted_ids = torch.empty(nb * block_m, dtype=torch.int32, device=ids.device)
     block_expert = torch.empty(nb, dtype=torch.int32, device=ids.device)
     npp = torch.empty(1, dtype=torch.int32, device=ids.device)
-    scratch = torch.zeros(3 * e_p2, dtype=torch.int32, device=ids.device)
+    scratch = torch.empty(3 * e_p2, dtype=torch.int32, device=ids.device)
     _moe_align_kernel[(1,)](
         ids, sorted_ids, block_expert, npp, scratch, numel, num_experts, nb,
         BLOCK_M=block_m, E_P2=e_p2, CHUNK=256, BCHUNK=max(1, 4096 // e_p2), num_warps=4,

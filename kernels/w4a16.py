@@ -21,7 +21,7 @@ into the MMA register layout through shared memory (its int32 -> int16 narrowing
 dot-operand hoisting), which held it at 64-67 us on (18432, 7168) at M = 16 whatever the unpack or
 pipelining (ncu: 35% of DRAM bandwidth). The plane kernel reads the words as int16 and dequantizes each
 nibble plane with one elementwise op, so the words go global -> shared (cp.async or TMA) -> wgmma A
-registers, dequantized in place: 38 us there (2.7x cuBLAS bf16, H100; BENCH_H100.md), no offline repack.
+registers, dequantized in place: 36 us there (2.8x cuBLAS bf16, H100; BENCH_H100.md), no offline repack.
 
 Measured on an H100 (BENCH_H100.md): decode of (18432, 7168) at M = 1 runs at 31-33 us through the
 nibble-phase CUDA-core GEMV fed by TMA (gemv.py; 2.0-2.1 TB/s of int4 weights, 1.4x the 23 us floor).

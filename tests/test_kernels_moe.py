@@ -51,9 +51,12 @@ def cpu(d: dict) -> dict:
     return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in d.items()}
 
 
-@pytest.mark.parametrize("t,e,k,block_m", [(1, 6, 2, 16), (9, 5, 3, 16), (40, 8, 2, 16), (3, 256, 8, 32)])
-def test_align_groups_every_slot_once(t: int, e: int, k: int, block_m: int) -> None:
+@pytest.mark.parametrize("t,e,k,block_m,dtype", [(1, 6, 2, 16, torch.int64), (9, 5, 3, 16, torch.int32),
+                                               (40, 8, 2, 16, torch.int64), (3, 256, 8, 32, torch.int32)])
+def test_align_groups_every_slot_once(t: int, e: int, k: int, block_m: int, dtype: torch.dtype) -> None:
+    """Router ids of either integer type (read as given, no conversion pass)."""
     ids, _ = routing(t, e, k, seed=t)
+    ids = ids.to(dtype)
     sorted_ids, block_expert, npp = moe_align(ids, e, block_m)
     flat = ids.reshape(-1).cpu()
     sorted_ids, block_expert, n_padded = sorted_ids.cpu(), block_expert.cpu(), int(npp.item())
