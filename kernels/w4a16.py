@@ -304,7 +304,7 @@ def _candidates(m: int, interpret: bool) -> list[WqConfig]:
         return gemv + mma if m == 1 else mma
     # M = 17..256, same sweep: the plane kernel won every shape at M = 32, 64 and 128 (M = 64 on 18432 x 7168:
     # 71.9 vs 143.4 us; M = 128: 114.9 vs 260.3); one _wq_gemm_kernel config each stays for groups under 64.
-    # 2026-11-29 sweep (after the group index lost its division), M = 64 / 128 on 18432 x 7168: 64 rows by TMA
+    # 2026-11-28 second sweep (after the group index lost its division), M = 64 / 128 on 18432 x 7168: 64 rows by TMA
     # with split 3 (66.3 vs 71.2 us) / 8 warps split 2 (112.8 vs 117.8); M = 128 on 24576 x 1536 split 1
     # (34.6 vs 43.0), on 2048 x 7168 64 x 64 tiles (27.8 vs 31.5).
     if m <= 64:
@@ -399,7 +399,6 @@ def launch_wq(
             out = torch.empty(m, n, dtype=x.dtype, device=x.device)
         return _launch_phase_gemv(x, weight, scale, zero_point, group_size, g, cfg, out)
     block_k = math.gcd(cfg.block_k, g) if group_size != -1 else cfg.block_k  # never straddles a group
-    gb = group_blocks(g, block_k, k)
     block_m = cfg.block_m
     unpack = int4_unpack(cfg.unpack, block_k, x.is_cuda) if wbits == 4 else 0
     if unpack == 3:
@@ -416,7 +415,7 @@ def launch_wq(
     zp = zero_point if zero_point is not None else scale
     _wq_gemm_kernel[(tiles, split)](
         x, weight, scale, zp, target,
-        m, n, k, gb, split,
+        m, n, k, group_blocks(g, block_k, k), split,
         x.stride(0), weight.stride(0), scale.stride(0), zp.stride(0), target.stride(-2), split_stride,
         WBITS=wbits, HAS_ZP=zero_point is not None, MAGIC_BITS=magic_bits, MAGIC_VAL=magic_val,
         EVEN_K=k % block_k == 0, GROUP_M=8, INTERPRET=not x.is_cuda, UNPACK=unpack,
