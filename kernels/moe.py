@@ -41,6 +41,11 @@ from .w4a16 import MAGIC, int4_unpack, x_planes
 FMT_PLAIN, FMT_INT4, FMT_FP8 = 0, 1, 2
 
 
+def _fmt(w: torch.Tensor) -> int:
+    """Expert weight format, from its dtype."""
+    return FMT_INT4 if w.dtype == torch.int32 else FMT_FP8 if w.dtype == torch.float8_e4m3fn else FMT_PLAIN
+
+
 @triton.jit
 def _moe_align_kernel(
     ids_ptr, sorted_ptr, block_expert_ptr, npp_ptr, scratch_ptr,
@@ -116,45 +121,43 @@ def _expert_tile(
 ):
     """Scaled contribution [BLOCK_N, BLOCK_M] of one K block of one expert's weight rows."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
-    if FMT == 1 and UNPACK == 3:  # int16 words, activations in plane order (see w4a16._w4_planes_kernel)
-        W: tl.constexpr = BLOCK_K // 4
-        offs_w = tl.arange(0, W)
-        kw = k0 // 4 + offs_w
-        if TMA:  # w_base: descriptor over all experts' rows, [BLOCK_N, W] boxes from row row0
-            p = w_base.load([row0, k0 // 4])
-        else:
+    if FMT == 1:
+        if UNPACK == 3:  # int16 words, activations in plane order (see w4a16._w4_planes_kernel): d sums (u - 8) x
+            W: tl.constexpr = BLOCK_K // 4
+            offs_w = tl.arange(0, W)
+            kw = k0 // 4 + offs_w
+            if TMA:  # w_base: descriptor over all experts' rows, [BLOCK_N, W] boxes from row row0
+                p = w_base.load([row0, k0 // 4])
+            else:
+                ptrs = w_base + rows[:, None] * stride_wn + kw[None, :]
+                p = tl.load(ptrs) if EVEN_K else tl.load(ptrs, mask=kw[None, :] < K // 4, other=0)
+            d = tl.zeros((BLOCK_N, a_rows.shape[1]), dtype=tl.float32)
+            for i in tl.static_range(4):
+                if EVEN_K:
+                    xi = tl.load(a_rows + (k0 + i * W + offs_w)[:, None])
+                else:  # plane slot w of plane i holds k0 + 4 w + i
+                    xi = tl.load(a_rows + (k0 + i * W + offs_w)[:, None],
+                                 mask=(k0 + 4 * offs_w + i)[:, None] < K, other=0.0)
+                d = mma(int4_plane16(p, i, DTYPE, INTERPRET), xi, INTERPRET, d)
+            off = 0.0
+        else:  # d sums (MAGIC + u) x
+            kw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
             ptrs = w_base + rows[:, None] * stride_wn + kw[None, :]
-            p = tl.load(ptrs) if EVEN_K else tl.load(ptrs, mask=kw[None, :] < K // 4, other=0)
-        d = tl.zeros((BLOCK_N, a_rows.shape[1]), dtype=tl.float32)
-        for i in tl.static_range(4):
-            if EVEN_K:
-                xi = tl.load(a_rows + (k0 + i * W + offs_w)[:, None])
-            else:  # plane slot w of plane i holds k0 + 4 w + i
-                xi = tl.load(a_rows + (k0 + i * W + offs_w)[:, None], mask=(k0 + 4 * offs_w + i)[:, None] < K,
-                             other=0.0)
-            d = mma(int4_plane16(p, i, DTYPE, INTERPRET), xi, INTERPRET, d)
+            p = tl.load(ptrs) if EVEN_K else tl.load(ptrs, mask=kw[None, :] < K // 8, other=0)
+            if UNPACK == 2:
+                d = int4_dot_permuted(p, a_rows, k0, K, MAGIC_BITS, DTYPE, EVEN_K, INTERPRET, BLOCK_K)
+            else:
+                d = mma(int4_words_to_magic(p, BLOCK_N, BLOCK_K, MAGIC_BITS, DTYPE, UNPACK), at, INTERPRET)
+            off = MAGIC_VAL + 8.0
         g = k0 // BLOCK_K // GROUP_BLOCKS
         s = tl.load(s_base + rows * stride_sn + g).to(tl.float32)
         if HAS_ZP:
-            zp = tl.load(z_base + rows * stride_zn + g).to(tl.float32)
-            res = s[:, None] * (d - zp[:, None] * xsum[None, :])
-        else:
+            zoff = off + tl.load(z_base + rows * stride_zn + g).to(tl.float32)
+            res = s[:, None] * (d - zoff[:, None] * xsum[None, :])
+        elif UNPACK == 3:
             res = s[:, None] * d
-    elif FMT == 1:
-        kw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-        ptrs = w_base + rows[:, None] * stride_wn + kw[None, :]
-        p = tl.load(ptrs) if EVEN_K else tl.load(ptrs, mask=kw[None, :] < K // 8, other=0)
-        if UNPACK == 2:
-            d = int4_dot_permuted(p, a_rows, k0, K, MAGIC_BITS, DTYPE, EVEN_K, INTERPRET, BLOCK_K)
         else:
-            d = mma(int4_words_to_magic(p, BLOCK_N, BLOCK_K, MAGIC_BITS, DTYPE, UNPACK), at, INTERPRET)
-        g = k0 // BLOCK_K // GROUP_BLOCKS
-        s = tl.load(s_base + rows * stride_sn + g).to(tl.float32)
-        if HAS_ZP:
-            off = MAGIC_VAL + 8.0 + tl.load(z_base + rows * stride_zn + g).to(tl.float32)
-            res = s[:, None] * (d - off[:, None] * xsum[None, :])
-        else:
-            res = s[:, None] * (d - (MAGIC_VAL + 8.0) * xsum[None, :])
+            res = s[:, None] * (d - off * xsum[None, :])
     else:
         ptrs = w_base + rows[:, None] * stride_wn + offs_k[None, :]
         w = tl.load(ptrs) if EVEN_K else tl.load(ptrs, mask=offs_k[None, :] < K, other=0.0)
@@ -297,7 +300,7 @@ def _gemm(
     cfg: MoeConfig,
     out_planes: int = 0,
 ) -> None:
-    fmt = FMT_INT4 if w.dtype == torch.int32 else FMT_FP8 if w.dtype == torch.float8_e4m3fn else FMT_PLAIN
+    fmt = _fmt(w)
     g = resolve_group(group_size, k) if fmt == FMT_INT4 else k
     block_k = _block_k(fmt, group_size, k)
     unpack = _unpack(cfg, fmt, block_k, a.is_cuda)
@@ -358,10 +361,10 @@ def launch_moe(
     topk = topk_ids.shape[1]
     num_experts = w13.shape[0]
     inter = w2.shape[2] * (8 if w2.dtype == torch.int32 else 1)
-    fp8 = w13.dtype == torch.float8_e4m3fn
+    fmt = _fmt(w13)
+    fp8 = fmt == FMT_FP8
     align = moe_align(topk_ids, num_experts, cfg.block_m)
     topk_w = topk_weights.reshape(-1).contiguous()
-    fmt = FMT_INT4 if w13.dtype == torch.int32 else FMT_PLAIN
     bk13, bk2 = _block_k(fmt, group_size, hidden), _block_k(fmt, group_size, inter)
     planes13 = _unpack(cfg, fmt, bk13, x.is_cuda) == 3
     planes2 = _unpack(cfg, fmt, bk2, x.is_cuda) == 3
@@ -407,7 +410,6 @@ def moe_experts(
     slots = topk_ids.numel() / w13.shape[0]
     bucket = 1 << max(0, (x.shape[0] - 1).bit_length())
     key = ("moe", w13.dtype, x.dtype, bucket, topk_ids.shape[1], *w13.shape, *w2.shape)
-    fmt = FMT_INT4 if w13.dtype == torch.int32 else FMT_PLAIN
-    cands = _candidates(slots, fmt, not x.is_cuda)
+    cands = _candidates(slots, _fmt(w13), not x.is_cuda)
     cfg = _tuning.pick(key, cands, lambda c: launch_moe(*args, c), x.is_cuda)
     return launch_moe(*args, cfg)

@@ -292,7 +292,7 @@ def _candidates(m: int, interpret: bool) -> list[WqConfig]:
     if m <= 16:
         # H100, 2026-11-28 sweeps: the plane kernel beat every _wq_gemm_kernel config at M = 16 on the four
         # DeepSeek shapes (46.6 vs 65.6 us on 18432 x 7168; 37.6 with its words through TMA, the rest within
-        # noise either way); two of the old configs stay for group sizes under 64.
+        # noise either way); two of the old configs stay for groups that are not multiples of 64.
         mma = [WqConfig(16, bn, 128, 4, 3, sk, unpack=3, tma=t)
                for bn, sk, t in ((64, 2, True), (128, 2, True), (64, 2, False), (128, 2, False), (128, 0, False))]
         mma += [WqConfig(16, bn, 128, 4, 3, unpack=1, prefetch=True) for bn in (64, 128)]
@@ -303,7 +303,8 @@ def _candidates(m: int, interpret: bool) -> list[WqConfig]:
                 for bn, w, ng, st in ((32, 2, 4, 3), (8, 2, 8, 3), (16, 2, 8, 3), (16, 2, 4, 4), (16, 4, 8, 3))]
         return gemv + mma if m == 1 else mma
     # M = 17..256, same sweep: the plane kernel won every shape at M = 32, 64 and 128 (M = 64 on 18432 x 7168:
-    # 71.9 vs 143.4 us; M = 128: 114.9 vs 260.3); one _wq_gemm_kernel config each stays for groups under 64.
+    # 71.9 vs 143.4 us; M = 128: 114.9 vs 260.3); one _wq_gemm_kernel config each stays for groups that are not
+    # multiples of 64.
     # 2026-11-28 second sweep (after the group index lost its division), M = 64 / 128 on 18432 x 7168: 64 rows by TMA
     # with split 3 (66.3 vs 71.2 us) / 8 warps split 2 (112.8 vs 117.8); M = 128 on 24576 x 1536 split 1
     # (34.6 vs 43.0), on 2048 x 7168 64 x 64 tiles (27.8 vs 31.5).
@@ -427,7 +428,7 @@ def launch_wq(
 
 def int4_unpack(unpack: int, block_k: int, on_cuda: bool) -> int:
     """The int4 unpack mode that runs: modes 2 and 3 split a K block into 8 / 4 MMAs, each of which needs
-    depth >= 16 on the GPU, so smaller blocks (groups under 128 / 64) fall back to mode 1."""
+    depth >= 16 on the GPU, so smaller blocks (groups that are not multiples of 128 / 64) fall back to mode 1."""
     if on_cuda and (unpack == 2 and block_k < 128 or unpack == 3 and block_k < 64):
         return 1
     return unpack
