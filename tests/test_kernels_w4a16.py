@@ -131,9 +131,9 @@ def test_nibble_floats_are_exact() -> None:
     words[:16] = torch.arange(16, dtype=torch.int32) * 0x11111111  # all nibbles u, for each u
     out = torch.empty(8, 256, dtype=torch.float32, device=DEVICE)
     _nibbles_kernel[(1,)](words, out, 256, *w4a16._NIBBLE_BITS)
-    u = torch.stack([(words.long() >> (4 * i)) & 0xF for i in range(8)]).double()
+    u = torch.stack([(words.cpu().long() >> (4 * i)) & 0xF for i in range(8)]).double()
     c = torch.tensor([8.0 if i % 2 == 0 else 128.0 for i in range(8)], dtype=torch.float64)[:, None]
-    assert torch.equal(out.double().cpu(), (16 + u / c).cpu())
+    assert torch.equal(out.double().cpu(), 16 + u / c)
 
 
 @pytest.mark.parametrize("k,group,sliced", [(200, -1, False), (512, 16, False), (512, 128, True)])
