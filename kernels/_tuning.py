@@ -6,6 +6,10 @@ candidate is any hashable config the op's launcher understands, and the winner p
 cached for the process. In the interpreter (or with SQUEEZE_KERNELS_NO_TUNE=1) the first candidate
 is used, which keeps CPU tests fast and deterministic.
 
+Candidates come from a factory called only on a cache miss: building an op's list of frozen dataclass
+configs on every call cost ~40 us of host time per W4A16 decode call (12 configs of ~20 fields each),
+more than the GPU time of its kernels on the small shapes, and an eager decode step pays it per layer.
+
 An op may pass ``check(candidate) -> bool`` (its output against the reference, on a NaN-poisoned
 output): a candidate that fails it (or raises) is never picked. If none passes, the first candidate is
 kept (it is the op's most general one) and a RuntimeWarning says so.
@@ -27,26 +31,38 @@ _FLUSH_MS: dict[tuple[int, bool], float] = {}  # (device, graphed) -> ms of the 
 
 def pick(
     key: Hashable,
-    candidates: Sequence[C],
+    candidates: Callable[[], Sequence[C]],
     launch: Callable[[C], object],
     on_cuda: bool,
     check: Callable[[C], bool] | None = None,
     cold: Callable[[], list[Callable[[C], object]]] | None = None,
 ) -> C:
-    """Return the candidate with the least GPU time for ``key`` (see :func:`_time`) among those that
-    pass ``check``, memoized. ``cold`` (called once, only when tuning) returns more launchers like
-    ``launch``, each on its own copy of the op's weights (:func:`cold_copies`)."""
-    if len(candidates) == 1 or not on_cuda or os.environ.get("SQUEEZE_KERNELS_NO_TUNE") == "1":
-        return candidates[0]
-    if key in _BEST:
-        return _BEST[key]  # type: ignore[return-value]
+    """Return the candidate (of those ``candidates()`` lists) with the least GPU time for ``key`` (see
+    :func:`_time`) among those that pass ``check``, memoized. ``cold`` (called once, only when tuning)
+    returns more launchers like ``launch``, each on its own copy of the op's weights (:func:`cold_copies`)."""
+    best = _BEST.get(key)
+    if best is not None:  # the hot path: one dict lookup per call
+        return best  # type: ignore[return-value]
+    cands = candidates()
+    if len(cands) == 1 or not on_cuda or os.environ.get("SQUEEZE_KERNELS_NO_TUNE") == "1":
+        return cands[0]
+    return _tune(key, cands, launch, check, cold)
+
+
+def _tune(
+    key: Hashable,
+    candidates: Sequence[C],
+    launch: Callable[[C], object],
+    check: Callable[[C], bool] | None,
+    cold: Callable[[], list[Callable[[C], object]]] | None,
+) -> C:
     errors: list[str] = []
     ok = [_passes(check, cfg, errors) for cfg in candidates]
     if check is not None and not any(ok):  # a broken check once hid every decode candidate but the first
         warnings.warn(
             f"squeeze.kernels: no candidate for {key} passed the reference check "
             f"({errors[0] if errors else 'wrong output'}); using the first",
-            RuntimeWarning, stacklevel=3,
+            RuntimeWarning, stacklevel=4,
         )
     extra = cold() if cold is not None else []
     times = [

@@ -289,5 +289,5 @@ def linear_fp8_block(
     cold = lambda: [  # noqa: E731
         lambda c, o=o: launch_fp8_block(x2, o[0], o[1], c) for o in _tuning.cold_copies(weight, scale_inv)
     ]
-    cfg = _tuning.pick(key, _candidates(m, interpret=not x.is_cuda), run, x.is_cuda, cold=cold)
+    cfg = _tuning.pick(key, lambda: _candidates(m, not x.is_cuda), run, x.is_cuda, cold=cold)
     return launch_fp8_block(x2, weight, scale_inv, cfg).reshape(*x.shape[:-1], n)

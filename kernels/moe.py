@@ -410,6 +410,6 @@ def moe_experts(
     slots = topk_ids.numel() / w13.shape[0]
     bucket = 1 << max(0, (x.shape[0] - 1).bit_length())
     key = ("moe", w13.dtype, x.dtype, bucket, topk_ids.shape[1], *w13.shape, *w2.shape)
-    cands = _candidates(slots, _fmt(w13), not x.is_cuda)
+    cands = lambda: _candidates(slots, _fmt(w13), not x.is_cuda)  # noqa: E731
     cfg = _tuning.pick(key, cands, lambda c: launch_moe(*args, c), x.is_cuda)
     return launch_moe(*args, cfg)

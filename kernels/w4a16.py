@@ -547,7 +547,6 @@ def linear_wq(
         x2 = x2.contiguous()
     m, k = x2.shape
     n = weight.shape[0]
-    cands = _candidates(m, interpret=not x.is_cuda)
     bucket = 1 << max(0, (m - 1).bit_length())
     key = ("wq", weight.dtype, x.dtype, bucket, n, k, group_size, zero_point is not None)
     run = lambda c: launch_wq(x2, weight, scale, zero_point, group_size, c)  # noqa: E731
@@ -557,7 +556,7 @@ def linear_wq(
         lambda c, o=o: launch_wq(x2, o[0], o[1], o[2], group_size, c)
         for o in _tuning.cold_copies(weight, scale, zero_point)
     ]
-    cfg = _tuning.pick(key, cands, run, x.is_cuda, check, cold)
+    cfg = _tuning.pick(key, lambda: _candidates(m, not x.is_cuda), run, x.is_cuda, check, cold)
     return launch_wq(x2, weight, scale, zero_point, group_size, cfg).reshape(*x.shape[:-1], n)
 
 

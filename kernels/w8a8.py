@@ -153,6 +153,6 @@ def linear_w8a8(
     cold = lambda: [  # noqa: E731
         lambda c, o=o: launch_w8a8(xq, xs, o[0], o[1], c, x.dtype) for o in _tuning.cold_copies(weight, weight_scale)
     ]
-    cfg = _tuning.pick(key, _candidates(m, interpret=not x.is_cuda), run, x.is_cuda, cold=cold)
+    cfg = _tuning.pick(key, lambda: _candidates(m, not x.is_cuda), run, x.is_cuda, cold=cold)
     return launch_w8a8(xq, xs, weight, weight_scale, cfg, x.dtype).reshape(*x.shape[:-1], n)
 
