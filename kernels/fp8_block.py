@@ -29,20 +29,43 @@ from .reference import FP8_BLOCK, FP8_MAX, linear_fp8_block_ref
 
 
 @triton.jit
+def fp8_act_quant_tile(
+    x_ptr, q_ptr, s_ptr, rb, kb, M, K, stride_xm, stride_qm, stride_sk,
+    ROWS: tl.constexpr, BLOCK_K: tl.constexpr, FMAX: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """Rows rb * ROWS .. of x, K block kb: fp8 values and one scale per row (amax / FMAX, IEEE division as
+    torch's)."""
+    offs_m = rb * ROWS + tl.arange(0, ROWS)
+    offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+    s = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12), FMAX)
+    q = to_fp8e4(tl.math.div_rn(x, s[:, None]), INTERPRET)
+    tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], q, mask=mask)
+    tl.store(s_ptr + kb * stride_sk + offs_m, s, mask=offs_m < M)
+
+
+@triton.jit
 def _fp8_act_quant_kernel(
     x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sk,
     ROWS: tl.constexpr, BLOCK_K: tl.constexpr, FMAX: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr,
 ):
     if PDL:
         gdc_launch_dependents()  # the GEMV after may launch now; it waits for these stores on the device
-    offs_m = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
-    s = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12), FMAX)  # IEEE, as torch
-    q = to_fp8e4(tl.math.div_rn(x, s[:, None]), INTERPRET)
-    tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], q, mask=mask)
-    tl.store(s_ptr + tl.program_id(1) * stride_sk + offs_m, s, mask=offs_m < M)
+    fp8_act_quant_tile(x_ptr, q_ptr, s_ptr, tl.program_id(0), tl.program_id(1), M, K, stride_xm, stride_qm,
+                       stride_sk, ROWS, BLOCK_K, FMAX, INTERPRET)
+
+
+def fp8_act_buffers(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty (fp8 [M, K], fp32 scales [ceil(K/128), M]) for x [M, K]."""
+    m, k = x.shape
+    q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
+    return q, torch.empty(triton.cdiv(k, FP8_BLOCK), m, dtype=torch.float32, device=x.device)
+
+
+def fp8_act_rows(m: int) -> int:
+    """Rows per program of the activation quantization."""
+    return 4 if m >= 4 else 1
 
 
 def quant_fp8_act(x: torch.Tensor, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,11 +74,9 @@ def quant_fp8_act(x: torch.Tensor, pdl: bool = False) -> tuple[torch.Tensor, tor
     ``pdl``: the next kernel is launched as its programmatic dependent (sm_90+; CUDA only).
     """
     m, k = x.shape
-    kb = triton.cdiv(k, FP8_BLOCK)
-    q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
-    s = torch.empty(kb, m, dtype=torch.float32, device=x.device)
-    rows = 4 if m >= 4 else 1
-    _fp8_act_quant_kernel[(triton.cdiv(m, rows), kb)](
+    q, s = fp8_act_buffers(x)
+    rows = fp8_act_rows(m)
+    _fp8_act_quant_kernel[(triton.cdiv(m, rows), triton.cdiv(k, FP8_BLOCK))](
         x, q, s, m, k, x.stride(0), q.stride(0), s.stride(0), ROWS=rows, BLOCK_K=FP8_BLOCK, FMAX=FP8_MAX,
         INTERPRET=not x.is_cuda, PDL=pdl and x.is_cuda,
         num_warps=1 if rows == 1 else 2,

@@ -2,11 +2,12 @@
 
 Pipeline for T tokens routed to k of E experts (no host sync, no Python loop over experts):
 
-1. :func:`moe_align` (one single-program Triton kernel): count tokens per expert, pad each
-   expert's count to a multiple of BLOCK_M, and write ``sorted_ids`` (flat (token, slot) indices
-   grouped by expert, padding = T*k) plus the expert of every BLOCK_M-row block. The grid of the
-   GEMMs is sized from the worst case (ceil(T*k/BLOCK_M) + min(E, T*k) blocks) so nothing is read
-   back to the host; surplus blocks exit at once.
+1. :func:`moe_prep` (one Triton launch): its program 0 counts tokens per expert, pads each expert's
+   count to a multiple of BLOCK_M, and writes ``sorted_ids`` (flat (token, slot) indices grouped by
+   expert, padding = T*k) plus the expert of every BLOCK_M-row block; its other programs put x into
+   the form the gate/up GEMM reads (plane order for int4, fp8 per token per 128 for block-FP8). The
+   grid of the GEMMs is sized from the worst case (ceil(T*k/BLOCK_M) + min(E, T*k) blocks) so nothing
+   is read back to the host; surplus blocks exit at once.
 2. gate/up GEMM: each program gathers BLOCK_M token rows of x for one expert and computes the gate
    *and* the up tile for the same BLOCK_N columns, storing silu(gate) * up (the [T*k, 2I]
    pre-activation never touches memory).
@@ -18,7 +19,7 @@ scales, optional zero points); block-FP8 (activations quantized per token per 12
 :mod:`.fp8_block`). The per-format inner step and the tiling follow :mod:`.w4a16` (swap-AB:
 acc[BLOCK_N, BLOCK_M], dequantized weights are the register operand). int4 plane mode (unpack 3,
 as ``w4a16._w4_planes_kernel``): the words are read as int16 and dequantized in the wgmma A registers;
-x goes through ``w4a16.x_planes`` once, and the gate/up GEMM writes the intermediate in plane order
+x is put in plane order once (step 1), and the gate/up GEMM writes the intermediate in plane order
 (``OUT_PLANES``) for the down GEMM, padded to whole K blocks (slots past K are masked on load).
 """
 
@@ -34,9 +35,9 @@ import triton.language as tl
 from . import _tuning
 from ._dispatch import Backend, group_blocks, tile_descriptor, tma_compatible, use_triton
 from ._tl import cast_out, int4_dot_permuted, int4_plane16, int4_words_to_magic, mma
-from .fp8_block import quant_fp8_act
-from .reference import FP8_BLOCK, moe_experts_ref, resolve_group
-from .w4a16 import MAGIC, int4_unpack, x_planes
+from .fp8_block import fp8_act_buffers, fp8_act_quant_tile, fp8_act_rows, quant_fp8_act
+from .reference import FP8_BLOCK, FP8_MAX, moe_experts_ref, resolve_group
+from .w4a16 import MAGIC, int4_unpack, x_planes_buffers, x_planes_tile
 
 FMT_PLAIN, FMT_INT4, FMT_FP8 = 0, 1, 2
 
@@ -46,15 +47,47 @@ def _fmt(w: torch.Tensor) -> int:
     return FMT_INT4 if w.dtype == torch.int32 else FMT_FP8 if w.dtype == torch.float8_e4m3fn else FMT_PLAIN
 
 
+ACT_AS_IS, ACT_PLANES, ACT_FP8 = 0, 1, 2  # what the prep kernel makes of x for the gate/up GEMM
+
+
 @triton.jit
-def _moe_align_kernel(
+def _moe_prep_kernel(
     ids_ptr, sorted_ptr, block_expert_ptr, npp_ptr, scratch_ptr,
     numel, E, max_blocks,
+    x_ptr, a_ptr, as_ptr, T, K, stride_xm, stride_am, stride_as,
+    BLOCK_M: tl.constexpr, E_P2: tl.constexpr, CHUNK: tl.constexpr, BCHUNK: tl.constexpr,
+    ACT: tl.constexpr, ACT_ROWS: tl.constexpr, ACT_BLOCK_K: tl.constexpr, FMAX: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """Everything the expert GEMMs need before they start, in one launch: program 0 aligns the routing,
+    programs 1.. (one per ACT_ROWS rows x ACT_BLOCK_K-wide K block of x) put x into the gate/up GEMM's
+    form (plane order for int4, per-token-per-128 fp8 for block-FP8; nothing to do for bf16). A
+    decode step's eager time is its launch count: each Triton launch costs ~50 us of host time on the
+    lent VM, against 100-150 us of GPU time for a whole int4 / fp8 MoE layer at T = 1.
+    """
+    pid = tl.program_id(0)
+    if pid == 0:
+        _align(ids_ptr, sorted_ptr, block_expert_ptr, npp_ptr, scratch_ptr, numel, E, max_blocks,
+               BLOCK_M, E_P2, CHUNK, BCHUNK)
+    else:
+        kblocks = tl.cdiv(K, ACT_BLOCK_K)
+        rb = (pid - 1) // kblocks
+        kb = (pid - 1) % kblocks
+        if ACT == 1:
+            x_planes_tile(x_ptr, a_ptr, as_ptr, rb, kb, K, stride_xm, stride_am, stride_as, ACT_BLOCK_K)
+        elif ACT == 2:
+            fp8_act_quant_tile(x_ptr, a_ptr, as_ptr, rb, kb, T, K, stride_xm, stride_am, stride_as,
+                               ACT_ROWS, ACT_BLOCK_K, FMAX, INTERPRET)
+
+
+@triton.jit
+def _align(
+    ids_ptr, sorted_ptr, block_expert_ptr, npp_ptr, scratch_ptr, numel, E, max_blocks,
     BLOCK_M: tl.constexpr, E_P2: tl.constexpr, CHUNK: tl.constexpr, BCHUNK: tl.constexpr,
 ):
-    """Single program. scratch (int32 [3 * E_P2]) = counts | padded starts | fill cursors, zeroed here and
-    ids read in whatever integer type the router gave: each torch op that did either beforehand (a memset, an
-    int64 -> int32 copy) was one more launch on the host path that bounds a decode step's eager time."""
+    """Routing alignment, by one program. scratch (int32 [3 * E_P2]) = counts | padded starts | fill cursors,
+    zeroed here and ids read in whatever integer type the router gave: each torch op that did either
+    beforehand (a memset, an int64 -> int32 copy) was one more launch on the host path."""
     offs_e = tl.arange(0, E_P2)
     tl.store(scratch_ptr + offs_e, tl.zeros((E_P2,), dtype=tl.int32))
     tl.store(scratch_ptr + 2 * E_P2 + offs_e, tl.zeros((E_P2,), dtype=tl.int32))
@@ -96,6 +129,14 @@ def moe_align(
     topk_ids: torch.Tensor, num_experts: int, block_m: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(sorted_ids int32 [max_blocks * block_m], block_expert int32 [max_blocks], num_padded int32 [1])."""
+    return moe_prep(topk_ids, num_experts, block_m, topk_ids, ACT_AS_IS, 0)[0]
+
+
+def moe_prep(
+    topk_ids: torch.Tensor, num_experts: int, block_m: int, x: torch.Tensor, act: int, act_block_k: int
+) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor | None]:
+    """(moe_align's three tensors, the gate/up GEMM's activations, their per-block sums or fp8 scales), from
+    one :func:`_moe_prep_kernel` launch; ``act`` is ACT_AS_IS (x itself, no sums), ACT_PLANES or ACT_FP8."""
     ids = topk_ids.reshape(-1)
     numel = ids.numel()
     nb = max_blocks(numel, num_experts, block_m)
@@ -104,11 +145,23 @@ def moe_align(
     block_expert = torch.empty(nb, dtype=torch.int32, device=ids.device)
     npp = torch.empty(1, dtype=torch.int32, device=ids.device)
     scratch = torch.empty(3 * e_p2, dtype=torch.int32, device=ids.device)
-    _moe_align_kernel[(1,)](
+    a, a_s, rows, programs = x, None, 1, 0
+    if act == ACT_PLANES:
+        a, a_s = x_planes_buffers(x, act_block_k)
+    elif act == ACT_FP8:
+        a, a_s = fp8_act_buffers(x)
+        rows = fp8_act_rows(x.shape[0])
+    if act != ACT_AS_IS:
+        programs = triton.cdiv(x.shape[0], rows) * triton.cdiv(x.shape[1], act_block_k)
+    a_arg = a_s if a_s is not None else a
+    _moe_prep_kernel[(1 + programs,)](
         ids, sorted_ids, block_expert, npp, scratch, numel, num_experts, nb,
-        BLOCK_M=block_m, E_P2=e_p2, CHUNK=256, BCHUNK=max(1, 4096 // e_p2), num_warps=4,
+        x, a, a_arg, x.shape[0], x.shape[-1], x.stride(0), a.stride(0), a_arg.stride(0),
+        BLOCK_M=block_m, E_P2=e_p2, CHUNK=256, BCHUNK=max(1, 4096 // e_p2),
+        ACT=act, ACT_ROWS=rows, ACT_BLOCK_K=max(act_block_k, 16), FMAX=FP8_MAX, INTERPRET=not x.is_cuda,
+        num_warps=4,
     )
-    return sorted_ids, block_expert, npp
+    return (sorted_ids, block_expert, npp), a, a_s
 
 
 @triton.jit
@@ -363,18 +416,19 @@ def launch_moe(
     inter = w2.shape[2] * (8 if w2.dtype == torch.int32 else 1)
     fmt = _fmt(w13)
     fp8 = fmt == FMT_FP8
-    align = moe_align(topk_ids, num_experts, cfg.block_m)
     topk_w = topk_weights.reshape(-1).contiguous()
     bk13, bk2 = _block_k(fmt, group_size, hidden), _block_k(fmt, group_size, inter)
     planes13 = _unpack(cfg, fmt, bk13, x.is_cuda) == 3
     planes2 = _unpack(cfg, fmt, bk2, x.is_cuda) == 3
+    act = ACT_FP8 if fp8 else ACT_PLANES if planes13 else ACT_AS_IS
+    align, a, a_s = moe_prep(topk_ids, num_experts, cfg.block_m, x, act, bk13)
     # plane modes: each GEMM reads its activations in plane order (slots past K are masked off)
     h = torch.empty(t * topk, triton.cdiv(inter, bk2) * bk2 if planes2 else inter, dtype=x.dtype, device=x.device)
     y = torch.empty(t * topk, hidden, dtype=x.dtype, device=x.device)
     if poison is not None:
         h.fill_(poison)
         y.fill_(poison)
-    a, a_s = quant_fp8_act(x) if fp8 else (x_planes(x, bk13)[0] if planes13 else x, None)
+    a_s = a_s if fp8 else None  # (int4 planes: the block sums are for zero points, which re-sum x per block)
     _gemm(a, a_s, w13, w13_scale, w13_zero_point, h, topk_w, align, inter, hidden, topk, group_size, True,
           x.dtype, cfg, out_planes=bk2 if planes2 else 0)
     a, a_s = quant_fp8_act(h) if fp8 else (h, None)

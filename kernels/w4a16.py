@@ -137,24 +137,30 @@ def _wq_gemm_kernel(
 
 
 @triton.jit
-def x_planes_kernel(x_ptr, xp_ptr, xs_ptr, K, stride_xm, stride_xpm, stride_xsm, BLOCK_K: tl.constexpr,
-                    PDL: tl.constexpr):
-    """x in nibble-plane order for :func:`_w4_planes_kernel`, and each K block's sum (for zero points).
+def x_planes_tile(x_ptr, xp_ptr, xs_ptr, m, kb, K, stride_xm, stride_xpm, stride_xsm, BLOCK_K: tl.constexpr):
+    """Row m, K block kb of x in nibble-plane order for :func:`_w4_planes_kernel`, and the block's sum (for
+    zero points).
 
     Within K block kb, x[kb * BLOCK_K + 4 w + i] goes to kb * BLOCK_K + i * BLOCK_K / 4 + w, so the
     slice that multiplies nibble plane i of the 16-bit words is contiguous (the GEMM's x tiles then
-    stream through cp.async like its weights); zero past K. One program per (row, K block).
+    stream through cp.async like its weights); zero past K.
     """
-    if PDL:
-        gdc_launch_dependents()  # the GEMM may launch now; it waits for these stores on the device
-    m = tl.program_id(0)
-    kb = tl.program_id(1)
     j = tl.arange(0, BLOCK_K)
     W: tl.constexpr = BLOCK_K // 4
     src = kb * BLOCK_K + 4 * (j % W) + j // W
     v = tl.load(x_ptr + m * stride_xm + src, mask=src < K, other=0.0)
     tl.store(xp_ptr + m * stride_xpm + kb * BLOCK_K + j, v)
     tl.store(xs_ptr + m * stride_xsm + kb, tl.sum(v.to(tl.float32), axis=0))
+
+
+@triton.jit
+def x_planes_kernel(x_ptr, xp_ptr, xs_ptr, K, stride_xm, stride_xpm, stride_xsm, BLOCK_K: tl.constexpr,
+                    PDL: tl.constexpr):
+    """:func:`x_planes_tile` for every (row, K block), one program each."""
+    if PDL:
+        gdc_launch_dependents()  # the GEMM may launch now; it waits for these stores on the device
+    x_planes_tile(x_ptr, xp_ptr, xs_ptr, tl.program_id(0), tl.program_id(1), K, stride_xm, stride_xpm, stride_xsm,
+                  BLOCK_K)
 
 
 @triton.jit
@@ -434,13 +440,21 @@ def int4_unpack(unpack: int, block_k: int, on_cuda: bool) -> int:
     return unpack
 
 
-def x_planes(x: torch.Tensor, block_k: int, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x in plane order per block_k-wide K block, zero-padded to whole blocks; fp32 sums per block), from
-    :func:`x_planes_kernel`. pdl: the next kernel is launched as its programmatic dependent."""
+def x_planes_buffers(x: torch.Tensor, block_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty (x in plane order, zero-padded to whole block_k-wide K blocks; fp32 sums per block)."""
     m, k = x.shape
     k_blocks = triton.cdiv(k, block_k)
     xp = torch.empty(m, k_blocks * block_k, dtype=x.dtype, device=x.device)
     xs = torch.empty(m, k_blocks, dtype=torch.float32, device=x.device)
+    return xp, xs
+
+
+def x_planes(x: torch.Tensor, block_k: int, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`x_planes_buffers`, filled by :func:`x_planes_kernel`. pdl: the next kernel is launched as its
+    programmatic dependent."""
+    m, k = x.shape
+    k_blocks = triton.cdiv(k, block_k)
+    xp, xs = x_planes_buffers(x, block_k)
     x_planes_kernel[(m, k_blocks)](x, xp, xs, k, x.stride(0), xp.stride(0), xs.stride(0), BLOCK_K=block_k,
                                    PDL=pdl, num_warps=1)
     return xp, xs

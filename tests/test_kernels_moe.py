@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from squeeze.kernels import moe_experts, pack_int4
-from squeeze.kernels.moe import MoeConfig, launch_moe, max_blocks, moe_align
+from squeeze.kernels.fp8_block import quant_fp8_act
+from squeeze.kernels.moe import ACT_FP8, ACT_PLANES, MoeConfig, launch_moe, max_blocks, moe_align, moe_prep
 from squeeze.kernels.reference import moe_experts_ref
+from squeeze.kernels.w4a16 import x_planes
 from tests.conftest_kernels import DEVICE, TOL, gen, rand_scale, randint, randn, rel_err
 
 
@@ -71,6 +73,19 @@ def test_align_groups_every_slot_once(t: int, e: int, k: int, block_m: int, dtyp
         rows = used[b * block_m : (b + 1) * block_m]
         rows = rows[rows < t * k]
         assert (flat[rows.long()] == block_expert[b]).all()
+
+
+@pytest.mark.parametrize("t,hidden,block_k", [(1, 200, 128), (5, 256, 64), (6, 130, 128)])
+def test_prep_makes_the_same_activations_as_the_standalone_passes(t: int, hidden: int, block_k: int) -> None:
+    """The prep launch's activation programs write exactly what x_planes / quant_fp8_act write (hidden sizes
+    on and off the K blocks, row counts on and off the fp8 pass's 4-row programs), beside the same alignment."""
+    ids, _ = routing(t, 7, 2, seed=t)
+    x = randn(t, hidden, seed=t + 1)
+    want_align = moe_align(ids, 7, 16)
+    for act, (want_a, want_s) in ((ACT_PLANES, x_planes(x, block_k)), (ACT_FP8, quant_fp8_act(x))):
+        align, a, a_s = moe_prep(ids, 7, 16, x, act, block_k if act == ACT_PLANES else 128)
+        assert torch.equal(a.view(torch.uint8), want_a.view(torch.uint8)) and torch.equal(a_s, want_s)
+        assert all(torch.equal(g, w) for g, w in zip(align, want_align, strict=True))
 
 
 CASES = [
