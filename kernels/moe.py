@@ -141,10 +141,9 @@ def moe_prep(
     numel = ids.numel()
     nb = max_blocks(numel, num_experts, block_m)
     e_p2 = triton.next_power_of_2(num_experts)
-    sorted_ids = torch.empty(nb * block_m, dtype=torch.int32, device=ids.device)
-    block_expert = torch.empty(nb, dtype=torch.int32, device=ids.device)
-    npp = torch.empty(1, dtype=torch.int32, device=ids.device)
-    scratch = torch.empty(3 * e_p2, dtype=torch.int32, device=ids.device)
+    # one allocation for the four int32 arrays (each torch.empty is host time on the decode path)
+    buf = torch.empty(nb * block_m + nb + 1 + 3 * e_p2, dtype=torch.int32, device=ids.device)
+    sorted_ids, block_expert, npp, scratch = buf.split([nb * block_m, nb, 1, 3 * e_p2])
     a, a_s, rows, programs = x, None, 1, 0
     if act == ACT_PLANES:
         a, a_s = x_planes_buffers(x, act_block_k)
