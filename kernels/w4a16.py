@@ -377,6 +377,8 @@ def _candidates(m: int, interpret: bool) -> list[WqConfig]:
         mma += [WqConfig(16, bn, 128, 4, st, sk, unpack=3, tma=True, gpb=gpb)
                 for bn, gpb, sk, st in ((16, 4, 1, 3), (16, 4, 2, 3), (32, 4, 1, 3), (32, 4, 2, 3), (32, 2, 2, 3),
                                         (16, 4, 1, 4), (64, 2, 1, 3))]
+        if m <= 8:  # 8 token columns per group: half the block-diagonal MMA and accumulator of BLOCK_M 16
+            mma += [WqConfig(8, bn, 128, 4, 3, sk, unpack=3, tma=True, gpb=4) for bn, sk in ((16, 1), (32, 1), (32, 2))]
         # GEMV (block_n, warps, ng, stages): in the H100 sweep after the nibble and scale-prefetch changes,
         # (32, 2, 4, 3) won on 18432 x 7168 and 24576 x 1536, (8, 2, 8, 3) on the two small shapes; the
         # others were within 3% somewhere.
