@@ -7,8 +7,9 @@ cached for the process. In the interpreter (or with SQUEEZE_KERNELS_NO_TUNE=1) t
 is used, which keeps CPU tests fast and deterministic.
 
 Candidates come from a factory called only on a cache miss: building an op's list of frozen dataclass
-configs on every call cost ~40 us of host time per W4A16 decode call (12 configs of ~20 fields each),
-more than the GPU time of its kernels on the small shapes, and an eager decode step pays it per layer.
+configs on every call cost ~40 us of host time per W4A16 decode call (12 configs of ~20 fields each, timed
+on the 2-core development machine), more than the GPU time of its kernels on the small shapes (8-12 us), and
+an eager decode step pays it per layer.
 
 An op may pass ``check(candidate) -> bool`` (its output against the reference, on a NaN-poisoned
 output): a candidate that fails it (or raises) is never picked. If none passes, the first candidate is
