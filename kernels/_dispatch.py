@@ -94,3 +94,60 @@ def group_blocks(g: int, block_k: int, k: int) -> int:
     if g % block_k:
         raise ValueError(f"K block {block_k} must divide the group size {g}")
     return g // block_k
+
+
+# Argument checks shared by the public entry points. A kernel trusts its shapes: a K that disagrees with the
+# weight, or a scale tensor too small for it, reads past the end of a buffer on the GPU (garbage, or an illegal
+# address that poisons the CUDA context) instead of failing. The checks touch only shapes and dtypes (no device
+# sync, a few microseconds of host time) and raise one ValueError that names what is wrong.
+
+
+def _shape(t: torch.Tensor) -> str:
+    return f"{str(t.dtype).removeprefix('torch.')} {list(t.shape)}"
+
+
+def check_activations(x: torch.Tensor, k: int, half_only: bool = False, what: str = "x") -> None:
+    """x [..., K] of floats matching the weight's K; ``half_only``: a kernel that takes bf16 / fp16 only."""
+    if x.shape[-1] != k:
+        raise ValueError(f"{what} is {_shape(x)} but the weight takes K = {k} inputs")
+    if not x.is_floating_point() or (half_only and x.dtype not in (torch.bfloat16, torch.float16)):
+        kinds = "bfloat16 or float16" if half_only else "floating point"
+        raise ValueError(f"{what} must be {kinds}, got {_shape(x)}")
+
+
+def check_wq_args(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, group_size: int,
+    triton_path: bool,
+) -> None:
+    """W4A16 / W8A16: int32 [N, K/8] (packed int4) or int8 [N, K] weight, [N, K/group] scales and zero points."""
+    if weight.dim() != 2 or weight.dtype not in (torch.int32, torch.int8):
+        raise ValueError(f"weight must be int32 [N, K/8] (packed int4) or int8 [N, K], got {_shape(weight)}")
+    k = weight.shape[1] * (8 if weight.dtype == torch.int32 else 1)
+    check_activations(x, k, half_only=triton_path)  # the Triton kernels' int4 / int8 -> float tricks are 16-bit
+    if group_size != -1 and (group_size <= 0 or k % group_size):
+        raise ValueError(f"group_size {group_size} must be -1 or a positive divisor of K = {k}")
+    groups = 1 if group_size == -1 else k // group_size
+    for name, t in (("scale", scale), ("zero_point", zero_point)):
+        if t is not None and (t.shape[0] != weight.shape[0] or t.numel() != weight.shape[0] * groups):
+            raise ValueError(f"{name} must be [{weight.shape[0]}, {groups}] for this weight and group_size "
+                             f"{group_size}, got {_shape(t)}")
+
+
+def check_fp8_block_args(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor) -> None:
+    """Block-FP8: float8_e4m3fn [N, K] weight, [ceil(N/128), ceil(K/128)] scales."""
+    if weight.dim() != 2 or weight.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"weight must be float8_e4m3fn [N, K], got {_shape(weight)}")
+    check_activations(x, weight.shape[1])
+    want = [-(-weight.shape[0] // 128), -(-weight.shape[1] // 128)]
+    if list(scale_inv.shape) != want:
+        raise ValueError(f"scale_inv must be {want} (one per 128 x 128 block), got {_shape(scale_inv)}")
+
+
+def check_w8a8_args(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> None:
+    """W8A8: int8 [N, K] weight, one scale per output channel."""
+    if weight.dim() != 2 or weight.dtype != torch.int8:
+        raise ValueError(f"weight must be int8 [N, K], got {_shape(weight)}")
+    check_activations(x, weight.shape[1])
+    if weight_scale.numel() != weight.shape[0]:
+        raise ValueError(f"weight_scale must hold one scale per output channel ({weight.shape[0]}), got "
+                         f"{_shape(weight_scale)}")

@@ -22,7 +22,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents
 
 from . import _splitk, _tuning
-from ._dispatch import Backend, num_sms, row_blocks_descriptor, tma_compatible, use_triton
+from ._dispatch import Backend, check_fp8_block_args, num_sms, row_blocks_descriptor, tma_compatible, use_triton
 from ._tl import cast_out, gemm_tile, mma, to_fp8e4
 from .gemv import fp8_gemv_kernel, fp8_gemv_tma_kernel
 from .reference import FP8_BLOCK, FP8_MAX, linear_fp8_block_ref
@@ -297,6 +297,7 @@ def linear_fp8_block(
     x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, backend: Backend = "auto"
 ) -> torch.Tensor:
     """y = x @ dequant(W).T for DeepSeek-V3 block-FP8 weights; x [..., K] bf16/fp16/fp32."""
+    check_fp8_block_args(x, weight, scale_inv)
     n = weight.shape[0]
     x2 = x.reshape(-1, x.shape[-1])
     if not use_triton(backend, x, weight):

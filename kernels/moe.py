@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from . import _tuning
-from ._dispatch import Backend, group_blocks, tile_descriptor, tma_compatible, use_triton
+from ._dispatch import Backend, check_activations, group_blocks, tile_descriptor, tma_compatible, use_triton
 from ._tl import cast_out, int4_dot_permuted, int4_plane16, int4_words_to_magic, mma
 from .fp8_block import fp8_act_buffers, fp8_act_quant_tile, fp8_act_rows, quant_fp8_act
 from .reference import FP8_BLOCK, FP8_MAX, moe_experts_ref, resolve_group
@@ -436,6 +436,44 @@ def launch_moe(
     return y.view(t, topk, hidden).sum(dim=1)
 
 
+def _check_args(
+    x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+    w13_scale: torch.Tensor | None, w2_scale: torch.Tensor | None, w13_zero_point: torch.Tensor | None,
+    w2_zero_point: torch.Tensor | None, group_size: int, triton_path: bool,
+) -> None:
+    """Shapes and dtypes, before anything runs (see ``_dispatch.check_wq_args`` for why: a kernel reads out of
+    bounds where a shape disagrees). Expert ids are not range-checked: that needs a device sync."""
+    if x.dim() != 2:
+        raise ValueError(f"x must be [T, hidden], got {list(x.shape)}")
+    t, hidden = x.shape
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != t or topk_ids.is_floating_point() or topk_ids.dtype == torch.bool:
+        raise ValueError(f"topk_ids must be integer [T = {t}, k], got {topk_ids.dtype} {list(topk_ids.shape)}")
+    if topk_weights.shape != topk_ids.shape:
+        raise ValueError(f"topk_weights must be {list(topk_ids.shape)} like topk_ids, got {list(topk_weights.shape)}")
+    fmt = _fmt(w13)
+    per = 8 if fmt == FMT_INT4 else 1
+    e, inter = w13.shape[0], w13.shape[1] // 2 if w13.dim() == 3 else 0
+    if (w13.dim() != 3 or w2.dim() != 3 or w2.dtype != w13.dtype or w2.shape[0] != e or w13.shape[1] % 2
+            or w13.shape[2] * per != hidden or tuple(w2.shape[1:]) != (hidden, inter // per)):
+        packed = "int32 packed int4: last dim / 8, " if per == 8 else ""
+        raise ValueError(f"expert weights must be w13 [E, 2I, H] and w2 [E, H, I] ({packed}one dtype) for hidden "
+                         f"H = {hidden}, got w13 {w13.dtype} {list(w13.shape)}, w2 {w2.dtype} {list(w2.shape)}")
+    check_activations(x, hidden, half_only=triton_path)
+    if fmt == FMT_PLAIN:
+        return
+    if fmt == FMT_INT4:
+        g13, g2 = hidden // resolve_group(group_size, hidden), inter // resolve_group(group_size, inter)
+        want = {"w13": [e, 2 * inter, g13], "w2": [e, hidden, g2]}
+    else:
+        c = lambda v: -(-v // FP8_BLOCK)  # noqa: E731
+        want = {"w13": [e, 2 * c(inter), c(hidden)], "w2": [e, c(hidden), c(inter)]}
+    for name, scale, zp in (("w13", w13_scale, w13_zero_point), ("w2", w2_scale, w2_zero_point)):
+        for what, t_ in ((f"{name}_scale", scale), (f"{name}_zero_point", zp)):
+            if (t_ is None and what.endswith("scale")) or (t_ is not None and list(t_.shape) != want[name]):
+                got = "none" if t_ is None else list(t_.shape)
+                raise ValueError(f"{what} must be {want[name]} for these experts, got {got}")
+
+
 def moe_experts(
     x: torch.Tensor,
     topk_ids: torch.Tensor,
@@ -457,7 +495,9 @@ def moe_experts(
     """
     args = (x, topk_ids, topk_weights, w13, w2)
     args += (w13_scale, w2_scale, w13_zero_point, w2_zero_point, group_size)
-    if not use_triton(backend, x, w13):
+    on_triton = use_triton(backend, x, w13)
+    _check_args(*args, on_triton)
+    if not on_triton:
         return moe_experts_ref(*args)
     x = x.contiguous()
     slots = topk_ids.numel() / w13.shape[0]

@@ -41,6 +41,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from . import _overlap, _splitk, _tuning
 from ._dispatch import (
     Backend,
+    check_wq_args,
     group_blocks,
     num_sms,
     row_blocks_descriptor,
@@ -644,7 +645,9 @@ def linear_wq(
     x: [..., K] bf16/fp16; scale: [N, K / group] (any float dtype); zero_point: same shape, ints in
     the signed q domain (w = (q - zp) * scale) or None for symmetric; group_size -1 = per channel.
     """
-    if not use_triton(backend, x, weight):
+    on_triton = use_triton(backend, x, weight)
+    check_wq_args(x, weight, scale, zero_point, group_size, on_triton)
+    if not on_triton:
         return linear_wq_ref(x.reshape(-1, x.shape[-1]), weight, scale, zero_point, group_size).reshape(
             *x.shape[:-1], weight.shape[0]
         )

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from . import _splitk, _tuning
-from ._dispatch import Backend, num_sms, use_triton
+from ._dispatch import Backend, check_w8a8_args, num_sms, use_triton
 from ._tl import cast_out, gemm_tile
 from .reference import linear_w8a8_ref
 
@@ -139,6 +139,7 @@ def linear_w8a8(
     x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, backend: Backend = "auto"
 ) -> torch.Tensor:
     """y = (q_x @ W.T) * x_scale * w_scale; x [..., K] float, W int8 [N, K], weight_scale [N] or [N, 1]."""
+    check_w8a8_args(x, weight, weight_scale)
     n = weight.shape[0]
     x2 = x.reshape(-1, x.shape[-1])
     if not use_triton(backend, x, weight):
