@@ -12,6 +12,8 @@ from typing import Literal
 
 import torch
 
+from .reference import resolve_group
+
 Backend = Literal["auto", "triton", "torch"]
 
 
@@ -124,9 +126,7 @@ def check_wq_args(
         raise ValueError(f"weight must be int32 [N, K/8] (packed int4) or int8 [N, K], got {_shape(weight)}")
     k = weight.shape[1] * (8 if weight.dtype == torch.int32 else 1)
     check_activations(x, k, half_only=triton_path)  # the Triton kernels' int4 / int8 -> float tricks are 16-bit
-    if group_size != -1 and (group_size <= 0 or k % group_size):
-        raise ValueError(f"group_size {group_size} must be -1 or a positive divisor of K = {k}")
-    groups = 1 if group_size == -1 else k // group_size
+    groups = k // resolve_group(group_size, k)
     for name, t in (("scale", scale), ("zero_point", zero_point)):
         if t is not None and (t.shape[0] != weight.shape[0] or t.numel() != weight.shape[0] * groups):
             raise ValueError(f"{name} must be [{weight.shape[0]}, {groups}] for this weight and group_size "

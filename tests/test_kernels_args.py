@@ -23,7 +23,7 @@ def w4() -> dict:
         (dict(weight=torch.randn(N, K // 8)), r"int32 \[N, K/8\]"),
         (dict(scale=torch.rand(N, 1).to(torch.bfloat16)), r"scale must be \[64, 2\]"),
         (dict(zero_point=torch.zeros(N, 4, dtype=torch.int32)), r"zero_point must be \[64, 2\]"),
-        (dict(group_size=96), r"divisor of K = 256"),
+        (dict(group_size=96), r"divisor of K=256"),
         (dict(x=torch.randn(2, K), backend="triton"), r"bfloat16 or float16"),
         (dict(x=torch.ones(2, K, dtype=torch.int32)), r"floating point"),
     ],
