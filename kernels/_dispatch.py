@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-from .reference import resolve_group
+from .reference import FP8_BLOCK, resolve_group
 
 Backend = Literal["auto", "triton", "torch"]
 
@@ -108,13 +108,13 @@ def _shape(t: torch.Tensor) -> str:
     return f"{str(t.dtype).removeprefix('torch.')} {list(t.shape)}"
 
 
-def check_activations(x: torch.Tensor, k: int, half_only: bool = False, what: str = "x") -> None:
+def check_activations(x: torch.Tensor, k: int, half_only: bool = False) -> None:
     """x [..., K] of floats matching the weight's K; ``half_only``: a kernel that takes bf16 / fp16 only."""
     if x.shape[-1] != k:
-        raise ValueError(f"{what} is {_shape(x)} but the weight takes K = {k} inputs")
+        raise ValueError(f"x is {_shape(x)} but the weight takes K = {k} inputs")
     if not x.is_floating_point() or (half_only and x.dtype not in (torch.bfloat16, torch.float16)):
         kinds = "bfloat16 or float16" if half_only else "floating point"
-        raise ValueError(f"{what} must be {kinds}, got {_shape(x)}")
+        raise ValueError(f"x must be {kinds}, got {_shape(x)}")
 
 
 def check_wq_args(
@@ -138,7 +138,7 @@ def check_fp8_block_args(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch
     if weight.dim() != 2 or weight.dtype != torch.float8_e4m3fn:
         raise ValueError(f"weight must be float8_e4m3fn [N, K], got {_shape(weight)}")
     check_activations(x, weight.shape[1])
-    want = [-(-weight.shape[0] // 128), -(-weight.shape[1] // 128)]
+    want = [-(-weight.shape[0] // FP8_BLOCK), -(-weight.shape[1] // FP8_BLOCK)]
     if list(scale_inv.shape) != want:
         raise ValueError(f"scale_inv must be {want} (one per 128 x 128 block), got {_shape(scale_inv)}")
 
