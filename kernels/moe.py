@@ -452,9 +452,11 @@ def _check_args(
         raise ValueError(f"topk_weights must be {list(topk_ids.shape)} like topk_ids, got {list(topk_weights.shape)}")
     fmt = _fmt(w13)
     per = 8 if fmt == FMT_INT4 else 1
-    e, inter = w13.shape[0], w13.shape[1] // 2 if w13.dim() == 3 else 0
-    if (w13.dim() != 3 or w2.dim() != 3 or w2.dtype != w13.dtype or w2.shape[0] != e or w13.shape[1] % 2
-            or w13.shape[2] * per != hidden or tuple(w2.shape[1:]) != (hidden, inter // per)):
+    if w13.dim() != 3 or w2.dim() != 3:
+        raise ValueError(f"expert weights must be 3-D, got w13 {list(w13.shape)}, w2 {list(w2.shape)}")
+    e, inter = w13.shape[0], w13.shape[1] // 2
+    if (w2.dtype != w13.dtype or w2.shape[0] != e or w13.shape[1] % 2 or w13.shape[2] * per != hidden
+            or tuple(w2.shape[1:]) != (hidden, inter // per)):
         packed = "int32 packed int4: last dim / 8, " if per == 8 else ""
         raise ValueError(f"expert weights must be w13 [E, 2I, H] and w2 [E, H, I] ({packed}one dtype) for hidden "
                          f"H = {hidden}, got w13 {w13.dtype} {list(w13.shape)}, w2 {w2.dtype} {list(w2.shape)}")
@@ -468,10 +470,11 @@ def _check_args(
         c = lambda v: -(-v // FP8_BLOCK)  # noqa: E731
         want = {"w13": [e, 2 * c(inter), c(hidden)], "w2": [e, c(hidden), c(inter)]}
     for name, scale, zp in (("w13", w13_scale, w13_zero_point), ("w2", w2_scale, w2_zero_point)):
-        for what, t_ in ((f"{name}_scale", scale), (f"{name}_zero_point", zp)):
-            if (t_ is None and what.endswith("scale")) or (t_ is not None and list(t_.shape) != want[name]):
-                got = "none" if t_ is None else list(t_.shape)
-                raise ValueError(f"{what} must be {want[name]} for these experts, got {got}")
+        if scale is None or list(scale.shape) != want[name]:
+            got = "none" if scale is None else list(scale.shape)
+            raise ValueError(f"{name}_scale must be {want[name]} for these experts, got {got}")
+        if zp is not None and list(zp.shape) != want[name]:
+            raise ValueError(f"{name}_zero_point must be {want[name]} for these experts, got {list(zp.shape)}")
 
 
 def moe_experts(
