@@ -538,6 +538,13 @@ def x_planes(x: torch.Tensor, block_k: int, pdl: bool = False) -> tuple[torch.Te
     return xp, xs
 
 
+def wide_box_applies(cfg: WqConfig, w16: torch.Tensor, g: int, block_k: int) -> bool:
+    """Whether ``cfg`` runs :func:`_w4_planes_wide_kernel`: it asks for several groups per box, and the weight
+    (int16 view) is 128-groups in whole 128-wide K blocks that a TMA descriptor can view."""
+    k = w16.shape[1] * 4
+    return cfg.gpb > 1 and cfg.tma and tma_compatible(w16) and g == block_k == 128 and k % block_k == 0
+
+
 def _launch_planes(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
                    g: int, block_k: int, cfg: WqConfig, out: torch.Tensor) -> torch.Tensor:
     """int4 through :func:`_w4_planes_kernel` (or its wide-box variant, ``cfg.gpb`` > 1, where it applies),
@@ -551,7 +558,7 @@ def _launch_planes(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, z
     zp = zero_point if zero_point is not None else scale
     w16 = weight.view(torch.int16)  # little-endian: 16-bit word w holds k = 4 w .. 4 w + 3
     tma = cfg.tma and tma_compatible(w16)
-    wide = cfg.gpb > 1 and tma and g == block_k == 128 and k % block_k == 0
+    wide = wide_box_applies(cfg, w16, g, block_k)
     if wide:
         split = min(cfg.split_k or 1, triton.cdiv(k_blocks, cfg.gpb))
     else:

@@ -110,6 +110,7 @@ def test_wide_plane_kernel(m: int, n: int, k: int, zp: bool, dtype: torch.dtype,
     x, w, scale, zero = make(m, n, k, 128, zp, dtype, 4, seed=k + m)
     x = x * 3.0
     cfg = WqConfig(16, bn, 128, 4, 1, split_k=split, unpack=3, tma=True, gpb=gpb)
+    assert w4a16.wide_box_applies(cfg, w.view(torch.int16), 128, 128)  # not the plane-kernel fallback
     out = launch_wq(x, w, scale, zero, 128, cfg, out=poisoned(m, n, dtype=dtype))
     ref = linear_wq_ref(x.cpu(), w.cpu(), scale.cpu(), None if zero is None else zero.cpu(), 128)
     assert rel_err(out, ref) < TOL[dtype]
