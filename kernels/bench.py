@@ -247,15 +247,18 @@ def routing(t: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def moe_table(bw: float) -> list[str]:
     ws = moe_weights()
-    x = torch.randn(16, HIDDEN, dtype=torch.bfloat16, device="cuda")
-    ids, tw = routing(16)
-    for fmt, w in ws.items():  # GPU correctness first, at full size
-        err = rel(moe_experts(x, ids, tw, **w), moe_experts_ref(x, ids, tw, **w))
-        print(f"check moe {fmt} T=16: rel err {err:.1e}", flush=True)
-        # fp8: the intermediate is re-quantized to fp8, so a 1-ulp bf16 difference in it (summation
-        # order) can flip an fp8 rounding (6% of that element); the error is larger by design.
-        if not err < (3e-2 if fmt == "fp8" else 1e-2):
-            raise SystemExit(f"GPU correctness check failed: moe {fmt} {err}")
+    # GPU correctness first, at full size. Three calls per size on new tokens and routing: at decode sizes
+    # the first runs eagerly, the second captures a CUDA graph and replays it, the third replays (_graphs).
+    for t, trial in ((1, 0), (1, 1), (1, 2), (16, 0), (16, 1), (16, 2)):
+        x = torch.randn(t, HIDDEN, dtype=torch.bfloat16, device="cuda")
+        ids, tw = routing(t)
+        for fmt, w in ws.items():
+            err = rel(moe_experts(x, ids, tw, **w), moe_experts_ref(x, ids, tw, **w))
+            print(f"check moe {fmt} T={t} call {trial + 1}: rel err {err:.1e}", flush=True)
+            # fp8: the intermediate is re-quantized to fp8, so a 1-ulp bf16 difference in it (summation
+            # order) can flip an fp8 rounding (6% of that element); the error is larger by design.
+            if not err < (3e-2 if fmt == "fp8" else 1e-2):
+                raise SystemExit(f"GPU correctness check failed: moe {fmt} T={t} call {trial + 1}: {err}")
     err = rel(loop_moe(x, ids, tw, ws["bf16"]["w13"], ws["bf16"]["w2"]), moe_experts_ref(x, ids, tw, **ws["bf16"]))
     print(f"check torch loop baseline: rel err {err:.1e}", flush=True)
     per_expert = {"bf16": 2 * 3 * INTER * HIDDEN, "int4": 3 * INTER * HIDDEN // 2, "fp8": 3 * INTER * HIDDEN}

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents
 
-from . import _splitk, _tuning
+from . import _graphs, _splitk, _tuning
 from ._dispatch import Backend, check_fp8_block_args, num_sms, row_blocks_descriptor, tma_compatible, use_triton
 from ._tl import cast_out, gemm_tile, mma, to_fp8e4
 from .gemv import fp8_gemv_kernel, fp8_gemv_tma_kernel
@@ -312,4 +312,7 @@ def linear_fp8_block(
         lambda c, o=o: launch_fp8_block(x2, o[0], o[1], c) for o in _tuning.cold_copies(weight, scale_inv)
     ]
     cfg = _tuning.pick(key, lambda: _candidates(m, not x.is_cuda), run, x.is_cuda, cold=cold)
+    if _graphs.applicable(x2, m):  # decode: host-bound eagerly (see _graphs)
+        call = lambda x2: launch_fp8_block(x2, weight, scale_inv, cfg)  # noqa: E731
+        return _graphs.run((key, cfg), call, (x2,), (weight, scale_inv)).reshape(*x.shape[:-1], n)
     return launch_fp8_block(x2, weight, scale_inv, cfg).reshape(*x.shape[:-1], n)

@@ -14,6 +14,9 @@ Pipeline for T tokens routed to k of E experts (no host sync, no Python loop ove
 3. down GEMM on the intermediate, scaled by the routing weight in the epilogue.
 4. torch sums the k slots per token.
 
+At decode sizes (T <= ``_graphs.MAX_ROWS``) an eager call replays steps 1-4 from a cached CUDA graph
+(:mod:`._graphs`): its host time, not the GPU's, bounded those calls.
+
 Weight formats (chosen from w13's dtype): bf16/fp16; packed int4 (pack-quantized layout, group
 scales, optional zero points); block-FP8 (activations quantized per token per 128 first, as in
 :mod:`.fp8_block`). The per-format inner step and the tiling follow :mod:`.w4a16` (swap-AB:
@@ -32,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _tuning
+from . import _graphs, _tuning
 from ._dispatch import Backend, check_activations, group_blocks, tile_descriptor, tma_compatible, use_triton
 from ._tl import cast_out, int4_dot_permuted, int4_plane16, int4_words_to_magic, mma
 from .fp8_block import fp8_act_buffers, fp8_act_quant_tile, fp8_act_rows, quant_fp8_act
@@ -508,4 +511,8 @@ def moe_experts(
     key = ("moe", w13.dtype, x.dtype, bucket, topk_ids.shape[1], *w13.shape, *w2.shape)
     cands = lambda: _candidates(slots, _fmt(w13), not x.is_cuda)  # noqa: E731
     cfg = _tuning.pick(key, cands, lambda c: launch_moe(*args, c), x.is_cuda)
+    if _graphs.applicable(x, x.shape[0]):
+        fixed = (w13, w2, w13_scale, w2_scale, w13_zero_point, w2_zero_point)
+        call = lambda x, ids, tw: launch_moe(x, ids, tw, *fixed, group_size, cfg)  # noqa: E731
+        return _graphs.run((key, group_size, cfg), call, (x, topk_ids, topk_weights), fixed)
     return launch_moe(*args, cfg)

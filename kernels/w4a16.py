@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from . import _overlap, _splitk, _tuning
+from . import _graphs, _overlap, _splitk, _tuning
 from ._dispatch import (
     Backend,
     check_wq_args,
@@ -673,7 +673,12 @@ def linear_wq(
         for o in _tuning.cold_copies(weight, scale, zero_point)
     ]
     cfg = _tuning.pick(key, lambda: _candidates(m, not x.is_cuda), run, x.is_cuda, check, cold)
-    return launch_wq(x2, weight, scale, zero_point, group_size, cfg).reshape(*x.shape[:-1], n)
+    if _graphs.applicable(x2, m):  # decode: host-bound eagerly (see _graphs)
+        call = lambda x2: launch_wq(x2, weight, scale, zero_point, group_size, cfg)  # noqa: E731
+        y = _graphs.run((key, cfg), call, (x2,), (weight, scale, zero_point))
+    else:
+        y = launch_wq(x2, weight, scale, zero_point, group_size, cfg)
+    return y.reshape(*x.shape[:-1], n)
 
 
 # ||out - ref|| / ||ref|| a tuning candidate must meet (bf16 / fp16 output rounding, with margin).

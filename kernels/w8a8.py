@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _splitk, _tuning
+from . import _graphs, _splitk, _tuning
 from ._dispatch import Backend, check_w8a8_args, num_sms, use_triton
 from ._tl import cast_out, gemm_tile
 from .reference import linear_w8a8_ref
@@ -147,13 +147,18 @@ def linear_w8a8(
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m, k = x2.shape
-    xq, xs = quant_int8_act(x2)
     bucket = 1 << max(0, (m - 1).bit_length())
     key = ("w8a8", x.dtype, bucket, n, k)
-    run = lambda c: launch_w8a8(xq, xs, weight, weight_scale, c, x.dtype)  # noqa: E731
+    # the activation quantization is part of every call (and of every timed candidate: the same for each)
+    call = lambda x2, c, w=weight, ws=weight_scale: launch_w8a8(*quant_int8_act(x2), w, ws, c, x.dtype)  # noqa: E731
+    run = lambda c: call(x2, c)  # noqa: E731
     cold = lambda: [  # noqa: E731
-        lambda c, o=o: launch_w8a8(xq, xs, o[0], o[1], c, x.dtype) for o in _tuning.cold_copies(weight, weight_scale)
+        lambda c, o=o: call(x2, c, o[0], o[1]) for o in _tuning.cold_copies(weight, weight_scale)
     ]
     cfg = _tuning.pick(key, lambda: _candidates(m, not x.is_cuda), run, x.is_cuda, cold=cold)
-    return launch_w8a8(xq, xs, weight, weight_scale, cfg, x.dtype).reshape(*x.shape[:-1], n)
+    if _graphs.applicable(x2, m):  # decode: host-bound eagerly (see _graphs)
+        y = _graphs.run((key, cfg), lambda x2: call(x2, cfg), (x2,), (weight, weight_scale))
+    else:
+        y = call(x2, cfg)
+    return y.reshape(*x.shape[:-1], n)
 
