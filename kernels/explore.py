@@ -1,6 +1,6 @@
 """Time every launch strategy of one op on DeepSeek-V3 shapes (needs a CUDA GPU); a tuning aid.
 
-    python -m squeeze.kernels.explore [--only w4,w4main,w4big,w4gemv,w4wide,fp8,fp8big]
+    python -m squeeze.kernels.explore [--only w4,w4main,w4big,w4gemv,fp8,fp8big]
 
 Why: the run-time tuner keeps only the winner; picking the candidate lists (and seeing how far each
 strategy is from the floor) needs every candidate's time, each checked against the reference first.
@@ -28,12 +28,6 @@ def _row(name: str, cfg: object, err: float, t: float, t_ref: float) -> None:
 # grid the 2026-11-27 sweeps covered (BENCH_H100.md), for re-checking the candidates on a new GPU.
 GEMV_GRID = [(bn, w, ng, st) for bn, w, ng in ((8, 2, 8), (16, 2, 8), (16, 4, 8), (32, 2, 4), (32, 4, 4), (64, 4, 2),
                                                (16, 2, 4), (8, 1, 8)) for st in (2, 3, 4)]
-
-
-# (block_m, block_n, groups per box, split, stages) of the wide-box plane kernel (w4a16._w4_planes_wide_kernel),
-# a grid around the tuner's candidates, which were chosen from sm_90 compiles only (registers, no spills).
-WIDE_GRID = [(bm, bn, gpb, sk, st) for bm in (8, 16) for bn, gpb in ((16, 4), (32, 4), (32, 2), (64, 2), (16, 2))
-             for sk in (1, 2, 4) for st in (3, 4)]
 
 
 def explore_w4(n: int, k: int, m: int, cands: list[w4a16.WqConfig] | None = None) -> None:
@@ -93,12 +87,6 @@ def main() -> None:
         grid = [w4a16.WqConfig(1, bn, 128, w, st, gemv=True, ng=ng) for bn, w, ng, st in GEMV_GRID]
         for n, k in [(18432, 7168), (24576, 1536), (7168, 2048), (2048, 7168)]:
             explore_w4(n, k, 1, grid)
-    if "w4wide" in parts:  # the wide-box plane kernel over its grid, at M = 1 and 16, every DeepSeek shape
-        for n, k in [(18432, 7168), (24576, 1536), (7168, 2048), (2048, 7168)]:
-            for m in (1, 16):
-                grid = [w4a16.WqConfig(bm, bn, 128, 4, st, sk, unpack=3, tma=True, gpb=gpb)
-                        for bm, bn, gpb, sk, st in WIDE_GRID if bm >= m]
-                explore_w4(n, k, m, grid)
     if "w4big" in parts:
         explore_w4(18432, 7168, 4096)
 

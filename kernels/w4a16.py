@@ -44,7 +44,6 @@ from ._dispatch import (
     check_wq_args,
     group_blocks,
     num_sms,
-    row_blocks_descriptor,
     tile_descriptor,
     tma_compatible,
     use_triton,
@@ -231,68 +230,6 @@ def _w4_planes_kernel(
 
 
 @triton.jit
-def _w4_planes_wide_kernel(
-    xp_ptr, xs_ptr, w_desc, s_ptr, z_ptr, out_ptr,
-    M, N, K, SPLIT_K,
-    stride_xpm, stride_xsm, stride_sn, stride_zn, stride_om, stride_osplit,
-    HAS_ZP: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GPB: tl.constexpr,
-):
-    """:func:`_w4_planes_kernel` for decode, with GPB scale groups (BLOCK_K wide each) per TMA box.
-
-    Why: at M = 16 on (18432, 7168) the plane kernel's box, BLOCK_N rows x 64 bytes (one 128-group of int4),
-    caps how fast TMA streams the weight (a kernel that only reads the words through such boxes: 28.2 us,
-    against 25.6 for 32 x 256-byte boxes; H100), and it needs ~31.8 us for 3x cuBLAS bf16. A wider box holds
-    GPB groups per row, each needing its own scale, which a register-level split would apply at the cost of
-    the dot-operand hoisting the kernel lives on. Instead the box [BLOCK_N, GPB, BLOCK_K / 4] (a 3-D
-    descriptor over the int16 words) is read as GPB * BLOCK_N rows of A, row r = (n, g), and x as GPB * BLOCK_M
-    columns of B, column c = (g', m) holding group g' of token m: the MMA computes every (g, g') pair and only
-    the block diagonal g = g' is kept, scaled per (n, g) and summed. MMA work is GPB times what is needed, but
-    at decode sizes the tensor cores idle anyway; Triton keeps the reshape of the loaded box a register
-    relabelling, so the words still go shared -> wgmma A registers -> dequantized in place (sm_90 TTGIR).
-    Needs whole 128-groups (GROUP_BLOCKS 1) and TMA; the launcher falls back to the plane kernel otherwise.
-    """
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
-    pid_k, pid_n, offs_m, offs_n, rm, rn, st_start, st_end = gemm_tile(
-        M, N, K, SPLIT_K, BLOCK_M, BLOCK_N, GPB * BLOCK_K, 8
-    )
-    R: tl.constexpr = BLOCK_N * GPB
-    C: tl.constexpr = GPB * BLOCK_M
-    W: tl.constexpr = BLOCK_K // 4
-    kblocks = tl.cdiv(K, BLOCK_K)
-    r = tl.arange(0, R)
-    c = tl.arange(0, C)
-    g_r = r % GPB
-    g_c = c // BLOCK_M
-    m_c = tl.minimum(tl.min(offs_m, axis=0) + c % BLOCK_M, M - 1)  # token of column c (clamped; stores mask)
-    rows = tl.minimum(pid_n * BLOCK_N + r // GPB, N - 1)
-    diag = g_r[:, None] == g_c[None, :]
-    x_cols = xp_ptr + m_c[None, :] * stride_xpm + g_c[None, :] * BLOCK_K + tl.arange(0, W)[:, None]
-    dtype = xp_ptr.dtype.element_ty
-    acc = tl.zeros((R, C), dtype=tl.float32)
-    for st in range(st_start, st_end):
-        kb = st * GPB
-        p = w_desc.load([pid_n * BLOCK_N, kb, 0]).reshape(R, W)  # zeros past N and past the last group
-        in_k = kb + g_c < kblocks
-        d = tl.zeros((R, C), dtype=tl.float32)
-        for i in tl.static_range(4):
-            xi = tl.load(x_cols + kb * BLOCK_K + i * W, mask=in_k[None, :], other=0.0)
-            d = mma(int4_plane16(p, i, dtype, INTERPRET), xi, INTERPRET, d)
-        s = tl.load(s_ptr + rows * stride_sn + kb + g_r, mask=kb + g_r < kblocks, other=0.0).to(tl.float32)
-        if HAS_ZP:
-            z = tl.load(z_ptr + rows * stride_zn + kb + g_r, mask=kb + g_r < kblocks, other=0.0).to(tl.float32)
-            xs = tl.load(xs_ptr + m_c * stride_xsm + kb + g_c, mask=in_k, other=0.0)
-            d = d - z[:, None] * xs[None, :]
-        acc += tl.where(diag, d * s[:, None], 0.0)
-    res = tl.sum(tl.sum(acc.reshape(BLOCK_N, GPB, GPB, BLOCK_M), axis=2), axis=1)  # off-diagonal terms are 0
-    out_ptrs = out_ptr + pid_k * stride_osplit + offs_m[None, :] * stride_om + offs_n[:, None]
-    mask = (offs_m[None, :] < M) & (offs_n[:, None] < N)
-    tl.store(out_ptrs, cast_out(res, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
-
-
-@triton.jit
 def _dequant_kernel(
     w_ptr, s_ptr, z_ptr, out_ptr, N, K, group_size, stride_wn, stride_sn, stride_zn, stride_on,
     WBITS: tl.constexpr, HAS_ZP: tl.constexpr, MAGIC_BITS: tl.constexpr, MAGIC_VAL: tl.constexpr,
@@ -351,7 +288,6 @@ class WqConfig:
     ng: int = 8  # with gemv: sub-blocks (<= 128 values, inside one scale group) per step
     prefetch: bool = False  # MMA kernel: load the next K block's int4 words while this one computes
     tma: bool = False  # with unpack 3: the words arrive by TMA (where a descriptor can view them)
-    gpb: int = 1  # with unpack 3 and tma: scale groups per TMA box (> 1: _w4_planes_wide_kernel, 128-groups only)
     # chunks > 0: dequantize N in that many chunks on a side stream, overlapped with cuBLAS on the
     # previous chunk (_overlap.py; the other fields below only apply then)
     chunks: int = 0
@@ -374,12 +310,6 @@ def _candidates(m: int, interpret: bool) -> list[WqConfig]:
         mma = [WqConfig(16, bn, 128, 4, 3, sk, unpack=3, tma=t)
                for bn, sk, t in ((64, 2, True), (128, 2, True), (64, 2, False), (128, 2, False), (128, 0, False))]
         mma += [WqConfig(16, bn, 128, 4, 3, unpack=1, prefetch=True) for bn in (64, 128)]
-        # 2026-12-07: the wide-box variant (gpb 128-groups per TMA box, _w4_planes_wide_kernel), untimed so far
-        mma += [WqConfig(16, bn, 128, 4, st, sk, unpack=3, tma=True, gpb=gpb)
-                for bn, gpb, sk, st in ((16, 4, 1, 3), (16, 4, 2, 3), (32, 4, 1, 3), (32, 4, 2, 3), (32, 2, 2, 3),
-                                        (16, 4, 1, 4), (64, 2, 1, 3))]
-        if m <= 8:  # 8 token columns per group: half the block-diagonal MMA and accumulator of BLOCK_M 16
-            mma += [WqConfig(8, bn, 128, 4, 3, sk, unpack=3, tma=True, gpb=4) for bn, sk in ((16, 1), (32, 1), (32, 2))]
         # GEMV (block_n, warps, ng, stages): in the H100 sweep after the nibble and scale-prefetch changes,
         # (32, 2, 4, 3) won on 18432 x 7168 and 24576 x 1536, (8, 2, 8, 3) on the two small shapes; the
         # others were within 3% somewhere.
@@ -538,17 +468,9 @@ def x_planes(x: torch.Tensor, block_k: int, pdl: bool = False) -> tuple[torch.Te
     return xp, xs
 
 
-def wide_box_applies(cfg: WqConfig, w16: torch.Tensor, g: int, block_k: int) -> bool:
-    """Whether ``cfg`` runs :func:`_w4_planes_wide_kernel`: it asks for several groups per box, and the weight
-    (int16 view) is 128-groups in whole 128-wide K blocks that a TMA descriptor can view."""
-    k = w16.shape[1] * 4
-    return cfg.gpb > 1 and cfg.tma and tma_compatible(w16) and g == block_k == 128 and k % block_k == 0
-
-
 def _launch_planes(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
                    g: int, block_k: int, cfg: WqConfig, out: torch.Tensor) -> torch.Tensor:
-    """int4 through :func:`_w4_planes_kernel` (or its wide-box variant, ``cfg.gpb`` > 1, where it applies),
-    after the x pass that puts x in plane order."""
+    """int4 through :func:`_w4_planes_kernel`, after the x pass that puts x in plane order."""
     m, k = x.shape
     n = weight.shape[0]
     k_blocks = triton.cdiv(k, block_k)
@@ -558,31 +480,17 @@ def _launch_planes(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, z
     zp = zero_point if zero_point is not None else scale
     w16 = weight.view(torch.int16)  # little-endian: 16-bit word w holds k = 4 w .. 4 w + 3
     tma = cfg.tma and tma_compatible(w16)
-    wide = wide_box_applies(cfg, w16, g, block_k)
-    if wide:
-        split = min(cfg.split_k or 1, triton.cdiv(k_blocks, cfg.gpb))
-    else:
-        split = cfg.split_k or _splitk.auto_split(tiles, k_blocks, num_sms(x.device))
+    split = cfg.split_k or _splitk.auto_split(tiles, k_blocks, num_sms(x.device))
     target, split_stride = _splitk.target(out, split)
-    if wide:
-        _w4_planes_wide_kernel[(tiles, split)](
-            xp, xs, row_blocks_descriptor(w16, block_k // 4, (cfg.block_n, cfg.gpb)), scale, zp, target, m, n, k,
-            split, xp.stride(0), xs.stride(0), scale.stride(0), zp.stride(0), target.stride(-2), split_stride,
-            HAS_ZP=zero_point is not None, INTERPRET=not x.is_cuda, PDL=pdl, BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.block_n, BLOCK_K=block_k, GPB=cfg.gpb, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            launch_pdl=pdl,
-        )
-    else:
-        _w4_planes_kernel[(tiles, split)](
-            xp, xs,
-            tile_descriptor(w16, (cfg.block_n, block_k // 4)) if tma else w16, scale, zp, target, m, n, k,
-            group_blocks(g, block_k, k), split,
-            xp.stride(0), xs.stride(0), w16.stride(0), scale.stride(0), zp.stride(0), target.stride(-2),
-            split_stride,
-            HAS_ZP=zero_point is not None, EVEN_K=k % block_k == 0, GROUP_M=8, INTERPRET=not x.is_cuda, PDL=pdl,
-            TMA=tma, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages, launch_pdl=pdl,
-        )
+    _w4_planes_kernel[(tiles, split)](
+        xp, xs,
+        tile_descriptor(w16, (cfg.block_n, block_k // 4)) if tma else w16, scale, zp, target, m, n, k,
+        group_blocks(g, block_k, k), split,
+        xp.stride(0), xs.stride(0), w16.stride(0), scale.stride(0), zp.stride(0), target.stride(-2), split_stride,
+        HAS_ZP=zero_point is not None, EVEN_K=k % block_k == 0, GROUP_M=8, INTERPRET=not x.is_cuda, PDL=pdl,
+        TMA=tma, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, launch_pdl=pdl,
+    )
     return _splitk.finish(out, target, split, pdl)
 
 

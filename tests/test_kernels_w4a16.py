@@ -95,28 +95,6 @@ def test_plane_kernel(dtype: torch.dtype, zp: bool, group: int, k: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "m,n,k,zp,dtype,bn,gpb,split",
-    [
-        (1, 80, 640, True, torch.bfloat16, 32, 4, 1),  # 5 groups: the second step's box runs 3 groups past K
-        (5, 48, 512, False, torch.float16, 16, 2, 2),
-        (16, 40, 1024, True, torch.bfloat16, 16, 4, 2),  # N off the block
-        (19, 64, 384, False, torch.bfloat16, 32, 2, 1),  # two token tiles
-    ],
-)
-def test_wide_plane_kernel(m: int, n: int, k: int, zp: bool, dtype: torch.dtype, bn: int, gpb: int,
-                           split: int) -> None:
-    """_w4_planes_wide_kernel (gpb 128-groups per TMA box, block-diagonal MMA): every element written and
-    equal to the reference, with zero points, split K, and boxes running past N and K."""
-    x, w, scale, zero = make(m, n, k, 128, zp, dtype, 4, seed=k + m)
-    x = x * 3.0
-    cfg = WqConfig(16, bn, 128, 4, 1, split_k=split, unpack=3, tma=True, gpb=gpb)
-    assert w4a16.wide_box_applies(cfg, w.view(torch.int16), 128, 128)  # not the plane-kernel fallback
-    out = launch_wq(x, w, scale, zero, 128, cfg, out=poisoned(m, n, dtype=dtype))
-    ref = linear_wq_ref(x.cpu(), w.cpu(), scale.cpu(), None if zero is None else zero.cpu(), 128)
-    assert rel_err(out, ref) < TOL[dtype]
-
-
-@pytest.mark.parametrize(
     "n,k,group,zp,dtype,ng,split",
     [
         (80, 512, 128, True, torch.bfloat16, 4, 0),
