@@ -1,9 +1,12 @@
 """Replay small eager calls from cached CUDA graphs: at decode sizes an eager call is host-bound.
 
-Why: at T = 1 the int4 MoE layer's kernels take ~97 us of GPU time on an H100, but an eager call cost
-~405 us on the lent VM, nearly all of it Python: Triton spends ~50 us per launch there binding
+Why: at T = 1 the int4 MoE layer's kernels take ~93-97 us of GPU time on an H100, but an eager call cost
+192-405 us on the lent VMs, nearly all of it Python: Triton spends tens of us per launch binding
 arguments, hashing the specialization and filling TMA descriptors. A graph replay pays one launch for all
 of them. Serving stacks graph the whole model; an eager user (transformers' ``generate``) gets it here.
+Measured (H100, 2026-12-07, same process): int4 MoE T = 1 114 us eager with replays vs 192 without; a W4A16
+linear at M = 1 on (2048, 7168) 18.3 vs 68.1 us. A call the GPU already bounds pays the input copy and output
+clone: (18432, 7168) 47.4 vs 42.4 us, fp8 MoE T = 1 169 vs 162.
 
 What keeps a replay correct:
 
@@ -139,5 +142,5 @@ def clear() -> None:
 
 
 def cached() -> int:
-    """How many graphs are cached (tests and the benchmark report it)."""
+    """How many graphs are cached (for tests)."""
     return len(_GRAPHS)
