@@ -16,12 +16,9 @@ from squeeze.kernels.reference import (
     linear_wq_ref,
     moe_experts_ref,
 )
+from tests.conftest_kernels import rel_err as rel
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def _weights(kind: str, g: torch.Generator) -> tuple[tuple, object, object]:
