@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 # Calls on up to this many tokens (rows of x) replay a graph. At these sizes the host bounds an eager call: int4
-# MoE at T = 1 (H100) ~97 us of GPU time against 256-405 us of eager host time on the lent VM; a W4A16 linear
+# MoE at T = 1 (H100) 93-97 us of GPU time against 192-405 us eager on the lent VMs; a W4A16 linear
 # at M <= 16 8-36 us against two or three Triton launches at ~50 us each. Larger calls are GPU-bound (and a
 # prefill's varying lengths would each need a graph).
 MAX_ROWS = 16
@@ -59,10 +59,10 @@ _EAGER: set[Hashable] = set()  # keys whose capture failed
 _POOLS: dict[tuple[int, int], object] = {}  # (device, stream) -> graph memory pool handle
 
 
-def applicable(x: torch.Tensor, rows: int) -> bool:
-    """Whether a call on ``x`` (``rows`` tokens) may be replayed (see the module doc for each condition)."""
+def applicable(x: torch.Tensor) -> bool:
+    """Whether a call on the 2-D activations ``x`` may be replayed (see the module doc for each condition)."""
     return (
-        rows <= MAX_ROWS
+        x.shape[0] <= MAX_ROWS
         and x.is_cuda
         and not x.requires_grad
         and os.environ.get("SQUEEZE_KERNELS_NO_GRAPHS") != "1"
@@ -125,10 +125,10 @@ def _capture(
             finally:
                 graph.capture_end()
     except Exception:  # an op that cannot be captured: this key runs eagerly from now on
-        torch.cuda.current_stream(inputs[0].device).wait_stream(side)
         _EAGER.add(key)
         return None
-    torch.cuda.current_stream(inputs[0].device).wait_stream(side)
+    finally:
+        torch.cuda.current_stream(inputs[0].device).wait_stream(side)
     entry = _Entry(graph, bufs, out)
     _GRAPHS[key] = entry
     return entry

@@ -313,7 +313,7 @@ def linear_fp8_block(
         lambda c, o=o: launch_fp8_block(x2, o[0], o[1], c) for o in _tuning.cold_copies(weight, scale_inv)
     ]
     cfg = _tuning.pick(key, lambda: _candidates(m, not x.is_cuda), run, x.is_cuda, cold=cold)
-    if _graphs.applicable(x2, m):  # decode: host-bound eagerly (see _graphs)
+    if _graphs.applicable(x2):  # decode: host-bound eagerly (see _graphs)
         call = lambda x2: launch_fp8_block(x2, weight, scale_inv, cfg)  # noqa: E731
         return _graphs.run((key, cfg), call, (x2,), (weight, scale_inv)).reshape(*x.shape[:-1], n)
     return launch_fp8_block(x2, weight, scale_inv, cfg).reshape(*x.shape[:-1], n)

@@ -511,7 +511,7 @@ def moe_experts(
     key = ("moe", w13.dtype, x.dtype, bucket, topk_ids.shape[1], *w13.shape, *w2.shape)
     cands = lambda: _candidates(slots, _fmt(w13), not x.is_cuda)  # noqa: E731
     cfg = _tuning.pick(key, cands, lambda c: launch_moe(*args, c), x.is_cuda)
-    if _graphs.applicable(x, x.shape[0]):
+    if _graphs.applicable(x):
         fixed = (w13, w2, w13_scale, w2_scale, w13_zero_point, w2_zero_point)
         call = lambda x, ids, tw: launch_moe(x, ids, tw, *fixed, group_size, cfg)  # noqa: E731
         return _graphs.run((key, group_size, cfg), call, (x, topk_ids, topk_weights), fixed)

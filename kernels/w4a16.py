@@ -477,11 +477,11 @@ def _launch_planes(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, z
     pdl = x.is_cuda
     xp, xs = x_planes(x, block_k, pdl)
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    split = cfg.split_k or _splitk.auto_split(tiles, k_blocks, num_sms(x.device))
+    target, split_stride = _splitk.target(out, split)
     zp = zero_point if zero_point is not None else scale
     w16 = weight.view(torch.int16)  # little-endian: 16-bit word w holds k = 4 w .. 4 w + 3
     tma = cfg.tma and tma_compatible(w16)
-    split = cfg.split_k or _splitk.auto_split(tiles, k_blocks, num_sms(x.device))
-    target, split_stride = _splitk.target(out, split)
     _w4_planes_kernel[(tiles, split)](
         xp, xs,
         tile_descriptor(w16, (cfg.block_n, block_k // 4)) if tma else w16, scale, zp, target, m, n, k,
@@ -581,7 +581,7 @@ def linear_wq(
         for o in _tuning.cold_copies(weight, scale, zero_point)
     ]
     cfg = _tuning.pick(key, lambda: _candidates(m, not x.is_cuda), run, x.is_cuda, check, cold)
-    if _graphs.applicable(x2, m):  # decode: host-bound eagerly (see _graphs)
+    if _graphs.applicable(x2):  # decode: host-bound eagerly (see _graphs)
         call = lambda x2: launch_wq(x2, weight, scale, zero_point, group_size, cfg)  # noqa: E731
         y = _graphs.run((key, cfg), call, (x2,), (weight, scale, zero_point))
     else:

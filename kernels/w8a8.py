@@ -156,7 +156,7 @@ def linear_w8a8(
         lambda c, o=o: call(x2, c, o[0], o[1]) for o in _tuning.cold_copies(weight, weight_scale)
     ]
     cfg = _tuning.pick(key, lambda: _candidates(m, not x.is_cuda), run, x.is_cuda, cold=cold)
-    if _graphs.applicable(x2, m):  # decode: host-bound eagerly (see _graphs)
+    if _graphs.applicable(x2):  # decode: host-bound eagerly (see _graphs)
         y = _graphs.run((key, cfg), lambda x2: call(x2, cfg), (x2,), (weight, weight_scale))
     else:
         y = call(x2, cfg)
