@@ -152,10 +152,11 @@ def _candidates(m: int, interpret: bool) -> list[Fp8Config]:
     if m <= 16:
         fused = [Fp8Config(16, bn, 4, 3, sk, True) for bn in (32, 64, 128) for sk in (0, 1)]
         gemv = [Fp8Config(1, 16, 4, 3, gemv=True)]
-        # (4 rows, 2 warps) was picked on three DeepSeek shapes and on (18432, 7168) timed 51.2-51.4 us in two
-        # back-to-back sweeps (H100, 2026-12-07), where (8, 4) gave 51.3 then 59.0 and, picked by the tuner in a
-        # good moment, 55.4 in the benchmark: (8, 4) is no longer offered.
-        wide = [Fp8Config(1, bn, w, st, gemv=True, nb=nb) for bn, w, st, nb in ((4, 2, 4, 4), (16, 4, 3, 4))]
+        # (rows, warps, stages, K blocks per step), from a 22-config sweep run twice on the H100 (2026-12-07,
+        # BENCH_H100.md): (4, 2, 3, 4) was fastest or within 0.6 us of it on every DeepSeek shape and stable
+        # (49.2 us both times on 18432 x 7168), (2, 2, 4, 8) won on 2048 x 7168; 4 stages with 4 blocks
+        # (the earlier pick) was bimodal (50.1 then 57.7 us), as (8 rows, 4 warps) had been.
+        wide = [Fp8Config(1, bn, w, st, gemv=True, nb=nb) for bn, w, st, nb in ((4, 2, 3, 4), (2, 2, 4, 8))]
         return (wide + gemv if m == 1 else []) + fused + [Fp8Config(16, 64, 4, 3)]
     if m <= 64:
         return [Fp8Config(bm, bn, 4, 3, 0, fq) for bm in (32, 64) for bn in (64, 128) for fq in (False, True)]
