@@ -153,9 +153,10 @@ def _candidates(m: int, interpret: bool) -> list[Fp8Config]:
         fused = [Fp8Config(16, bn, 4, 3, sk, True) for bn in (32, 64, 128) for sk in (0, 1)]
         gemv = [Fp8Config(1, 16, 4, 3, gemv=True)]
         # (rows, warps, stages, K blocks per step), from a 22-config sweep run twice on the H100 (2026-12-07,
-        # BENCH_H100.md): (4, 2, 3, 4) was fastest or within 0.6 us of it on every DeepSeek shape and stable
-        # (49.2 us both times on 18432 x 7168), (2, 2, 4, 8) won on 2048 x 7168; 4 stages with 4 blocks
-        # (the earlier pick) was bimodal (50.1 then 57.7 us), as (8 rows, 4 warps) had been.
+        # BENCH_H100.md): (4, 2, 3, 4) was fastest or within 0.6 us of it on every DeepSeek shape, (2, 2, 4, 8)
+        # won on 2048 x 7168 and tied on 18432 x 7168 (49.2 / 49.3 us). Several configs there run at either
+        # ~49 or ~56 us from one process to the next ((4, 2, 4, 4), the earlier pick: 50.1 then 57.7; (4, 2, 3, 4)
+        # 49.2 in one process, 56.5 in another where (2, 2, 4, 8) gave 49.4), so the tuner keeps both.
         wide = [Fp8Config(1, bn, w, st, gemv=True, nb=nb) for bn, w, st, nb in ((4, 2, 3, 4), (2, 2, 4, 8))]
         return (wide + gemv if m == 1 else []) + fused + [Fp8Config(16, 64, 4, 3)]
     if m <= 64:
