@@ -155,7 +155,7 @@ def _candidates(m: int, interpret: bool) -> list[Fp8Config]:
         # (rows, warps, stages, K blocks per step), from a 22-config sweep run twice on the H100 (2026-12-07,
         # BENCH_H100.md): (4, 2, 3, 4) was fastest or within 0.6 us of it on every DeepSeek shape, (2, 2, 4, 8)
         # won on 2048 x 7168 and tied on 18432 x 7168 (49.2 / 49.3 us). Several configs there run at either
-        # ~49 or ~56 us from one process to the next ((4, 2, 4, 4), the earlier pick: 50.1 then 57.7; (4, 2, 3, 4)
+        # ~49 or ~56 us from one timing to the next ((4, 2, 4, 4), the earlier pick: 50.1 then 57.7; (4, 2, 3, 4)
         # 49.2 in one process, 56.5 in another where (2, 2, 4, 8) gave 49.4), so the tuner keeps both.
         wide = [Fp8Config(1, bn, w, st, gemv=True, nb=nb) for bn, w, st, nb in ((4, 2, 3, 4), (2, 2, 4, 8))]
         return (wide + gemv if m == 1 else []) + fused + [Fp8Config(16, 64, 4, 3)]
