@@ -509,10 +509,11 @@ def moe_experts(
     slots = topk_ids.numel() / w13.shape[0]
     bucket = 1 << max(0, (x.shape[0] - 1).bit_length())
     key = ("moe", w13.dtype, x.dtype, bucket, topk_ids.shape[1], *w13.shape, *w2.shape)
+    fixed = (w13, w2, w13_scale, w2_scale, w13_zero_point, w2_zero_point)
+    call = lambda x, ids, tw, c: launch_moe(x, ids, tw, *fixed, group_size, c)  # noqa: E731
     cands = lambda: _candidates(slots, _fmt(w13), not x.is_cuda)  # noqa: E731
-    cfg = _tuning.pick(key, cands, lambda c: launch_moe(*args, c), x.is_cuda)
-    if _graphs.applicable(x):
-        fixed = (w13, w2, w13_scale, w2_scale, w13_zero_point, w2_zero_point)
-        call = lambda x, ids, tw: launch_moe(x, ids, tw, *fixed, group_size, cfg)  # noqa: E731
-        return _graphs.run((key, group_size, cfg), call, (x, topk_ids, topk_weights), fixed)
-    return launch_moe(*args, cfg)
+    cfg = _tuning.pick(key, cands, lambda c: call(x, topk_ids, topk_weights, c), x.is_cuda)
+    if _graphs.applicable(x):  # decode: host-bound eagerly (see _graphs)
+        replayed = lambda x, ids, tw: call(x, ids, tw, cfg)  # noqa: E731
+        return _graphs.run((key, group_size, cfg), replayed, (x, topk_ids, topk_weights), fixed)
+    return call(x, topk_ids, topk_weights, cfg)
